@@ -1,0 +1,75 @@
+"""`medidiff info`: list the scans under a path with their geometry and problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medidiff.cli import app
+
+
+@app.command("info")
+def info(
+    path: Annotated[Path, typer.Argument(help="A scan file (DICOM, .nii/.nii.gz, fastMRI .h5) or a folder.")],
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print a JSON list, one object per scan or unreadable file, with keys path, kind, "
+            "shape, spacing, affine (4x4, RAS mm), modality, description, n_files, problems.",
+        ),
+    ] = False,
+) -> None:
+    """List the scans found under PATH: kind, shape, spacing, RAS affine, modality, description, file count
+    and problems. Broken files are listed with their problem; the exit code is 0 whenever PATH could be
+    scanned, 2 when it does not exist."""
+    from medidiff.io.discover import discover
+    from medidiff.io.errors import ScanError
+
+    if not path.exists():
+        typer.echo(f"error: {path}: path does not exist", err=True)
+        raise typer.Exit(2)
+    try:
+        rows = [source.info() for source in discover(path)]
+    except ScanError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} scan(s) under {path}")
+    for column in ("path", "kind", "shape", "spacing (mm)", "modality", "description", "files", "problems"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        shape = "×".join(str(s) for s in row["shape"]) if row["shape"] else "-"
+        spacing = " ".join(f"{s:.3g}" for s in row["spacing"]) if row["spacing"] else "-"
+        problems = "; ".join(row["problems"])
+        table.add_row(
+            _short(row["path"], path),
+            row["kind"],
+            shape,
+            spacing,
+            row["modality"] or "-",
+            row["description"],
+            str(row["n_files"]),
+            f"[red]{problems}[/red]" if problems else "ok",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+
+
+def _short(p: str, root: Path) -> str:
+    """The path relative to the scanned root when possible."""
+    try:
+        rel = Path(p).relative_to(root if root.is_dir() else root.parent)
+        return str(rel) if str(rel) != "." else str(root)
+    except ValueError:
+        return p

@@ -1,0 +1,287 @@
+"""Write a *derived* DICOM series: classic MR Image Storage, one file per slice.
+
+Why classic MR Image Storage written with pydicom (not Enhanced MR through highdicom): every PACS, viewer,
+dcm2niix and SimpleITK/GDCM read single-frame MR series, while Enhanced MR support is still patchy;
+highdicom has no constructor for single-frame MR images (its ``legacy`` module converts *to* enhanced
+objects), so pydicom with an explicit attribute list is the direct way to produce a valid IOD.
+The output is checked with dciodvfy in the tests.
+
+Geometry comes from the Volume's RAS affine, converted to DICOM LPS here only. Values are stored as
+int16 with one RescaleSlope/RescaleIntercept for the series so readers get floats back within
+1/64000 of the value range.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from medidiff.io.atomic import atomic_dir
+from medidiff.io.dicom_read import LPS_TO_RAS
+from medidiff.io.errors import ScanError
+from medidiff.io.volume import Volume
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+_PURPOSE_SOURCE = ("121322", "DCM", "Source image for image processing operation")
+_KEEP_PATIENT = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "IssuerOfPatientID",
+)
+_KEEP_STUDY = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+_KEEP_MR = (
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+    "InversionTime",
+    "MagneticFieldStrength",
+    "ImagedNucleus",
+    "SequenceName",
+    "FlipAngle",
+    "BodyPartExamined",
+)
+_STORED_RANGE = 32000  # int16 codes used: [-32000, 32000]
+
+
+def _ds(value: float) -> str:
+    """A Decimal String of at most 16 characters."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
+
+
+def quantise(array: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """int16 codes plus slope/intercept strings with ``codes * slope + intercept ≈ array``.
+
+    Integer-valued data that fit int16 are stored exactly (slope 1, intercept 0).
+    """
+    finite = array[np.isfinite(array)]
+    vmin, vmax = float(finite.min()), float(finite.max())
+    if np.all(array == np.round(array)) and vmin >= -32768 and vmax <= 32767:
+        return array.astype(np.int16), "1", "0"
+    span = vmax - vmin
+    slope_s = _ds(span / (2 * _STORED_RANGE) if span > 0 else 1.0)
+    intercept_s = _ds((vmax + vmin) / 2.0)
+    slope, intercept = float(slope_s), float(intercept_s)
+    codes = np.clip(np.round((array.astype(np.float64) - intercept) / slope), -32768, 32767)
+    return codes.astype(np.int16), slope_s, intercept_s
+
+
+def _source_header(vol: Volume, source: Volume | None):
+    """The DICOM header of the source (or of the volume itself when it was read from DICOM)."""
+    for candidate in (source, vol):
+        if candidate is not None and candidate.meta.get("dicom_header") is not None:
+            return candidate, candidate.meta["dicom_header"]
+    return None, None
+
+
+def _code_item(code: tuple[str, str, str]):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def write_dicom_series(
+    vol: Volume,
+    out_dir: str | Path,
+    *,
+    source: Volume | None = None,
+    series_description: str = "medidiff derived",
+    derivation_description: str = "medidiff",
+    series_number: int | None = None,
+) -> list[Path]:
+    """Write ``vol`` as a derived MR series into ``out_dir`` (replaced whole or not at all).
+
+    Patient, study and frame of reference are kept when the source was DICOM, otherwise new
+    placeholders; each slice references its nearest source slice (SourceImageSequence) and the series
+    references the source series (ReferencedSeriesSequence).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out_dir = Path(out_dir)
+    array = np.asarray(vol.array, dtype=np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ScanError(out_dir, "volume has NaN or Inf values; cannot store them in DICOM")
+    lps = LPS_TO_RAS @ np.asarray(vol.affine, dtype=np.float64)
+    col_i, col_j, col_k = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    sp_i, sp_j = float(np.linalg.norm(col_i)), float(np.linalg.norm(col_j))
+    row_dir, col_dir = col_i / sp_i, col_j / sp_j
+    if abs(float(row_dir @ col_dir)) > 1e-4:
+        raise ScanError(out_dir, "in-plane axes of the affine are not orthogonal; DICOM cannot store that")
+    normal = np.cross(row_dir, col_dir)
+    slice_gap = abs(float(col_k @ normal))
+
+    codes, slope_s, intercept_s = quantise(array)
+    lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0.0, 1.0)
+    width = float(hi - lo) if hi > lo else float(max(abs(hi), 1.0))
+    center = float((hi + lo) / 2)
+
+    src_vol, src_hdr = _source_header(vol, source)
+    now = _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    series_uid = generate_uid()
+    src_number = None
+    if src_hdr is not None:
+        try:
+            src_number = int(src_hdr.get("SeriesNumber"))
+        except (TypeError, ValueError):
+            src_number = None
+    if series_number is None:
+        series_number = 1000 + (src_number or 0) % 1000
+
+    common = Dataset()
+    if src_hdr is not None:
+        keep = ("SpecificCharacterSet",) + _KEEP_PATIENT + _KEEP_STUDY
+        if str(src_hdr.get("Modality", "MR")) == "MR":
+            keep += _KEEP_MR
+        for kw in keep:
+            if kw in src_hdr and src_hdr[kw].VR != "SQ":
+                setattr(common, kw, src_hdr[kw].value)
+        common.FrameOfReferenceUID = src_hdr.get("FrameOfReferenceUID") or generate_uid()
+        common.PositionReferenceIndicator = src_hdr.get("PositionReferenceIndicator", "")
+        common.PatientPosition = src_hdr.get("PatientPosition", "")
+    else:
+        common.PatientName = "ANONYMOUS^MEDIDIFF"
+        common.PatientID = f"MEDIDIFF-{secrets.token_hex(4).upper()}"
+        common.StudyInstanceUID = generate_uid()
+        common.StudyDate, common.StudyTime = date, time
+        common.StudyID = "1"
+        common.FrameOfReferenceUID = generate_uid()
+        common.PositionReferenceIndicator = ""
+        common.PatientPosition = ""
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        if kw not in common:
+            setattr(common, kw, "")
+    common.ScanningSequence = common.get("ScanningSequence") or "RM"
+    common.SequenceVariant = common.get("SequenceVariant") or "NONE"
+    for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
+        if kw not in common:
+            setattr(common, kw, None)
+    if "RepetitionTime" not in common:
+        common.RepetitionTime = None
+    if "IR" in list(np.atleast_1d(common.ScanningSequence)) and "InversionTime" not in common:
+        common.InversionTime = None
+    common.Modality = "MR"
+    if "Laterality" not in common:
+        common.Laterality = src_hdr.get("Laterality", "") if src_hdr is not None else ""
+    common.SeriesInstanceUID = series_uid
+    common.SeriesNumber = int(series_number)
+    common.SeriesDescription = series_description[:64]
+    common.SeriesDate, common.SeriesTime = date, time
+    common.Manufacturer = "medidiff"
+    common.SoftwareVersions = _version()
+    common.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    common.DerivationDescription = derivation_description[:1024]
+    common.ContentDate, common.ContentTime = date, time
+    common.InstanceCreationDate, common.InstanceCreationTime = date, time
+    common.PixelSpacing = [_ds(sp_j), _ds(sp_i)]  # row spacing (along j), column spacing (along i)
+    common.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    common.SliceThickness = _ds(slice_gap)
+    common.SpacingBetweenSlices = _ds(slice_gap)
+    common.SamplesPerPixel = 1
+    common.PhotometricInterpretation = "MONOCHROME2"
+    common.Rows, common.Columns = int(array.shape[1]), int(array.shape[0])
+    common.BitsAllocated, common.BitsStored, common.HighBit = 16, 16, 15
+    common.PixelRepresentation = 1
+    common.RescaleSlope, common.RescaleIntercept, common.RescaleType = slope_s, intercept_s, "US"
+    common.WindowCenter, common.WindowWidth = _ds(center), _ds(width)
+    if width < 1:
+        common.VOILUTFunction = "LINEAR_EXACT"
+    common.SOPClassUID = MR_IMAGE_STORAGE
+
+    src_uids: list[str] = []
+    src_class = MR_IMAGE_STORAGE
+    if src_vol is not None:
+        src_uids = [u for u in src_vol.meta.get("source_sop_instance_uids", []) if u]
+        src_class = src_vol.meta.get("source_sop_class_uid") or str(
+            src_hdr.get("SOPClassUID", MR_IMAGE_STORAGE)
+        )
+        if src_vol.meta.get("series_uid") and src_uids:
+            ref_series = Dataset()
+            ref_series.SeriesInstanceUID = src_vol.meta["series_uid"]
+            ref_items = []
+            for uid in src_uids:
+                ri = Dataset()
+                ri.ReferencedSOPClassUID, ri.ReferencedSOPInstanceUID = src_class, uid
+                ref_items.append(ri)
+            ref_series.ReferencedInstanceSequence = Sequence(ref_items)
+            common.ReferencedSeriesSequence = Sequence([ref_series])
+
+    n_slices = array.shape[2]
+    written: list[Path] = []
+    with atomic_dir(out_dir) as tmp:
+        for k in range(n_slices):
+            ds = Dataset()
+            ds.update(common)
+            sop_uid = generate_uid()
+            ds.SOPInstanceUID = sop_uid
+            ds.InstanceNumber = k + 1
+            position = lps[:3, 3] + k * col_k
+            ds.ImagePositionPatient = [_ds(v) for v in position]
+            ds.SliceLocation = _ds(float(position @ normal))
+            if src_uids:
+                src_k = _nearest_source_slice(src_vol, vol.affine, array.shape, k, len(src_uids))
+                item = Dataset()
+                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = src_class, src_uids[src_k]
+                item.PurposeOfReferenceCodeSequence = Sequence([_code_item(_PURPOSE_SOURCE)])
+                ds.SourceImageSequence = Sequence([item])
+            ds.PixelData = np.ascontiguousarray(codes[:, :, k].T).astype("<i2").tobytes()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta = meta
+            name = f"IM{k + 1:05d}.dcm"
+            ds.save_as(tmp / name, enforce_file_format=True)
+            written.append(out_dir / name)
+    return written
+
+
+def _nearest_source_slice(src: Volume, affine: np.ndarray, shape, k: int, n_src: int) -> int:
+    """Index of the source slice nearest to the centre of output slice ``k`` (world coordinates)."""
+    if n_src == 1:
+        return 0
+    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2, k, 1.0])
+    world = np.asarray(affine) @ centre
+    src_ijk = np.linalg.solve(np.asarray(src.affine), world)
+    return int(np.clip(np.round(src_ijk[2]), 0, n_src - 1))
+
+
+def _version() -> str:
+    from medidiff import __version__
+
+    return f"medidiff {__version__}"

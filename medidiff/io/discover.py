@@ -1,0 +1,313 @@
+"""Walk a folder tree and list the scans in it, streaming: DICOM series, NIfTI volumes, k-space files.
+
+Every unreadable file becomes a ``ScanSource`` of kind ``'invalid'`` whose ``problems`` say why —
+discovery never raises for a bad file. DICOM headers are read with ``stop_before_pixels``; series are
+grouped per folder (a series split across folders is listed once per folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medidiff.io.errors import ScanError
+from medidiff.io.kspace import KSpaceData, is_hdf5_file, is_kspace_path, probe_kspace, read_kspace
+from medidiff.io.nifti import is_nifti_path, read_nifti
+from medidiff.io.volume import Volume
+
+# Files that are never scans: skipped silently (outputs of our own tools, notes, pictures).
+_SKIP_SUFFIXES = {
+    ".json",
+    ".txt",
+    ".md",
+    ".csv",
+    ".tsv",
+    ".yaml",
+    ".yml",
+    ".html",
+    ".htm",
+    ".py",
+    ".log",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".svg",
+    ".pdf",
+    ".db",
+    ".sqlite",
+    ".ipynb",
+    ".xml",
+    ".bval",
+    ".bvec",
+    ".npy",
+    ".npz",
+    ".pt",
+    ".safetensors",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".lock",
+    ".sh",
+    ".toml",
+    ".cfg",
+    ".ini",
+}
+_SKIP_SUFFIXES |= {".rst", ".pyc", ".m", ".pkl", ".pickle"}
+# Other imaging formats: listed as unsupported (with their name) instead of "not a DICOM file".
+_OTHER_FORMATS = {
+    ".par": "Philips PAR/REC",
+    ".rec": "Philips PAR/REC",
+    ".mnc": "MINC",
+    ".mgz": "FreeSurfer MGH",
+    ".mgh": "FreeSurfer MGH",
+    ".hdr": "Analyze / NIfTI-pair header",
+    ".head": "AFNI",
+    ".brik": "AFNI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+    ".trk": "TrackVis tractography",
+    ".tck": "MRtrix tractography",
+    ".v": "ECAT",
+}
+_SKIP_NAMES = {"DICOMDIR", "LOCKFILE", "VERSION"}
+
+
+@dataclass
+class ScanSource:
+    """One scan found on disk (or one unreadable file), with what is known about it before loading."""
+
+    path: Path
+    kind: str  # 'dicom' | 'nifti' | 'kspace' | 'invalid'
+    files: list[Path]
+    problems: list[str] = field(default_factory=list)
+    description: str = ""
+    index: int | None = None
+    key: str = ""
+    shape: tuple[int, ...] | None = None
+    affine: np.ndarray | None = None
+    modality: str = ""
+    _group: Any = field(default=None, repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        if self.affine is None:
+            return None
+        return tuple(float(s) for s in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))
+
+    def load(self) -> Volume | KSpaceData:
+        """Read the scan; raises ScanError (file and problem) when it cannot be read correctly."""
+        if self.kind == "invalid":
+            raise ScanError(self.path, "; ".join(self.problems) or "not a readable scan")
+        if self.kind == "nifti":
+            return read_nifti(self.path, self.index)
+        if self.kind == "kspace":
+            return read_kspace(self.path)
+        if self.kind == "dicom":
+            from medidiff.io.dicom_read import load_group
+
+            return load_group(self._group, self.path)
+        raise ScanError(self.path, f"unknown scan kind {self.kind!r}")
+
+    def info(self) -> dict[str, Any]:
+        """The JSON-ready summary used by ``medidiff info``."""
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "spacing": [round(s, 6) for s in self.spacing] if self.spacing is not None else None,
+            "affine": np.asarray(self.affine).round(6).tolist() if self.affine is not None else None,
+            "modality": self.modality or None,
+            "description": self.description,
+            "n_files": len(self.files),
+            "problems": list(self.problems),
+        }
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.name
+    return rel if rel not in ("", ".") else ""
+
+
+def _file_key(path: Path, root: Path, index: int | None = None) -> str:
+    rel = _rel(path, root) or path.name
+    return rel if index is None else f"{rel}-vol{index}"
+
+
+def _invalid(path: Path, root: Path, problem: str) -> ScanSource:
+    return ScanSource(
+        path=path,
+        kind="invalid",
+        files=[path],
+        problems=[problem],
+        description=path.name,
+        key=_file_key(path, root),
+    )
+
+
+def _nifti_sources(path: Path, root: Path) -> Iterator[ScanSource]:
+    """One source per 3D volume of a NIfTI file (problems include NaN/Inf and a bad affine)."""
+    from medidiff.io.nifti import probe_nifti
+
+    try:
+        volumes = probe_nifti(path)
+    except ScanError as exc:
+        yield _invalid(path, root, exc.problem)
+        return
+    for info in volumes:
+        yield ScanSource(
+            path=path,
+            kind="nifti",
+            files=[path],
+            problems=info["problems"],
+            description=info["description"],
+            index=info["index"],
+            key=_file_key(path, root, info["index"]),
+            shape=info["shape"],
+            affine=info["affine"],
+            modality="MR",
+        )
+
+
+def _kspace_source(path: Path, root: Path) -> ScanSource:
+    try:
+        info = probe_kspace(path)
+    except ScanError as exc:
+        return _invalid(path, root, exc.problem)
+    return ScanSource(
+        path=path,
+        kind="kspace",
+        files=[path],
+        problems=info["problems"],
+        description=info["description"],
+        key=_file_key(path, root),
+        shape=info["shape"],
+        affine=info["affine"],
+        modality="MR",
+    )
+
+
+def _dicom_sources(folder: Path, items: list[tuple[Path, Any]], root: Path) -> Iterator[ScanSource]:
+    """Group one folder's headers into volumes and describe each from headers only."""
+    from medidiff.io.dicom_read import _is_localizer, group_geometry, group_headers, group_shape
+
+    for group in group_headers(items):
+        if group.problems and not group.enhanced and _is_localizer(group.headers[0]):
+            kind, shape, affine, problems = "invalid", None, None, list(group.problems)
+        else:
+            try:
+                _, affine, geo = group_geometry(group)
+            except (ValueError, TypeError, IndexError, AttributeError) as exc:  # malformed geometry values
+                affine, geo = None, [f"unreadable geometry ({type(exc).__name__}: {exc})"]
+            problems = list(group.problems) + geo
+            if any("missing plane geometry" in p or "refusing to invent" in p for p in problems):
+                affine = None
+            kind, shape = "dicom", group_shape(group)
+        uid_hash = hashlib.sha1(group.series_uid.encode()).hexdigest()[:8]
+        number = f"{group.series_number:04d}" if group.series_number is not None else "xxxx"
+        rel = _rel(folder, root)
+        name = f"series{number}-{uid_hash}"
+        if group.enhanced:
+            name += "-" + hashlib.sha1(str(group.files[0].name).encode()).hexdigest()[:6]
+        if group.sub_index is not None:
+            name += f"-part{group.sub_index}"
+        if kind == "invalid":
+            name += "-localizer"
+        path = group.files[0] if group.enhanced else folder
+        yield ScanSource(
+            path=path,
+            kind=kind,
+            files=list(group.files),
+            problems=problems,
+            description=group.description,
+            index=group.sub_index,
+            key=f"{rel}/{name}" if rel else name,
+            shape=shape,
+            affine=affine,
+            modality=group.modality,
+            _group=group,
+        )
+
+
+def _is_candidate(path: Path) -> bool:
+    name = path.name
+    if name.startswith(".") or name in _SKIP_NAMES:
+        return False
+    if is_nifti_path(name):
+        return True
+    return path.suffix.lower() not in _SKIP_SUFFIXES
+
+
+def discover(root: str | Path) -> Iterator[ScanSource]:
+    """Yield every scan (and every unreadable file) under ``root``, folder by folder, in sorted order."""
+    root = Path(root)
+    if not root.exists():
+        raise ScanError(root, "path does not exist")
+    if root.is_file():
+        yield from _sources_for_files(root.parent, [root], root.parent)
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        folder = Path(dirpath)
+        files = [folder / f for f in sorted(filenames)]
+        yield from _sources_for_files(folder, [f for f in files if f.is_file() and _is_candidate(f)], root)
+
+
+def _sources_for_files(folder: Path, files: list[Path], root: Path) -> Iterator[ScanSource]:
+    from medidiff.io.dicom_read import read_header
+
+    headers: list[tuple[Path, Any]] = []
+    for path in files:
+        other = _OTHER_FORMATS.get(path.suffix.lower())
+        if other:
+            yield _invalid(
+                path,
+                root,
+                f"unsupported format ({other}): medidiff reads DICOM, NIfTI and fastMRI k-space HDF5",
+            )
+        elif is_nifti_path(path):
+            yield from _nifti_sources(path, root)
+        elif is_kspace_path(path) or is_hdf5_file(path):
+            yield _kspace_source(path, root)
+        else:
+            try:
+                headers.append((path, read_header(path)))
+            except ScanError as exc:
+                yield _invalid(path, root, exc.problem)
+    if headers:
+        yield from _dicom_sources(folder, headers, root)
+
+
+def read_scan(path: str | Path) -> Volume | KSpaceData:
+    """Read one scan: a NIfTI file, a k-space file, a DICOM file or a folder holding exactly one scan."""
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "path does not exist")
+    if path.is_file():
+        if is_nifti_path(path):
+            return read_nifti(path)
+        if is_kspace_path(path) or is_hdf5_file(path):
+            return read_kspace(path)
+        from medidiff.io.dicom_read import read_dicom_files
+
+        volumes = read_dicom_files([path])
+        if len(volumes) != 1:
+            raise ScanError(path, f"file holds {len(volumes)} volumes; use discover() to pick one")
+        return volumes[0]
+    sources = [s for s in discover(path) if s.kind != "invalid"]
+    if not sources:
+        raise ScanError(path, "no readable scan in this folder")
+    if len(sources) > 1:
+        raise ScanError(path, f"folder holds {len(sources)} scans; use discover() to pick one")
+    return sources[0].load()

@@ -1,0 +1,312 @@
+"""fastMRI-style k-space HDF5: ``kspace`` (S, H, W) or (S, C, H, W) complex, optional ``mask``,
+a ``reconstruction_rss`` / ``reconstruction_esc`` reference and an ``ismrmrd_header`` XML.
+
+Spacing comes from the header's encodedSpace field of view when present. Files written here also carry
+an ``affine`` attribute so our own files round-trip their geometry exactly (fastMRI files have none).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medidiff.io.atomic import atomic_file
+from medidiff.io.errors import ScanError
+from medidiff.io.volume import Volume
+
+KSPACE_SUFFIXES = (".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# fastMRI attributes safe to carry along (patient_id is deliberately not read)
+_SAFE_ATTRS = ("acquisition", "max", "norm")
+
+
+@dataclass
+class KSpaceData:
+    """Measured k-space plus what is needed to place and judge its image.
+
+    ``affine`` is the 4x4 voxel → RAS mm map of the image grid with array axes (i=H, j=W, k=S).
+    """
+
+    kspace: np.ndarray
+    mask: np.ndarray | None
+    affine: np.ndarray
+    reference: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.kspace = np.asarray(self.kspace, dtype=np.complex64)
+        if self.kspace.ndim not in (3, 4):
+            raise ValueError(f"k-space must be (S, H, W) or (S, C, H, W), got shape {self.kspace.shape}")
+        if self.mask is not None:
+            self.mask = np.asarray(self.mask, dtype=np.float32)
+        if self.reference is not None:
+            self.reference = np.asarray(self.reference, dtype=np.float32)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.path is not None:
+            self.path = Path(self.path)
+
+    @property
+    def multicoil(self) -> bool:
+        return self.kspace.ndim == 4
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, S): the shape of the image Volume."""
+        s, h, w = self.kspace.shape[0], self.kspace.shape[-2], self.kspace.shape[-1]
+        return (int(h), int(w), int(s))
+
+    def image(self) -> Volume:
+        """|ifft2c(kspace)| per slice (root-sum-of-squares over coils) as a Volume (H, W, S)."""
+        k = self.kspace
+        img = np.fft.fftshift(
+            np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), axes=(-2, -1), norm="ortho"), axes=(-2, -1)
+        )
+        mag = np.sqrt((np.abs(img) ** 2).sum(axis=1)) if k.ndim == 4 else np.abs(img)
+        meta = {k2: v for k2, v in self.meta.items() if k2 != "problems"}
+        meta.setdefault("modality", "MR")
+        meta["problems"] = list(self.meta.get("problems", []))
+        if self.path is not None:
+            meta.setdefault("source_files", [str(self.path)])
+        return Volume(np.moveaxis(mag, 0, -1).astype(np.float32), self.affine, meta)
+
+
+def is_kspace_path(path: str | Path) -> bool:
+    """True when the name ends in .h5/.hdf5."""
+    return str(path).lower().endswith(KSPACE_SUFFIXES)
+
+
+def is_hdf5_file(path: str | Path) -> bool:
+    """True when the file starts with the HDF5 signature."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
+    """encodedSpace / reconSpace matrix size and field of view (mm) from an ISMRMRD XML header."""
+    root = ET.fromstring(xml)
+
+    def strip(tag: str) -> str:
+        return tag.rsplit("}", 1)[-1]
+
+    def find(node, *names):
+        for name in names:
+            if node is None:
+                return None
+            node = next((c for c in node if strip(c.tag) == name), None)
+        return node
+
+    out: dict[str, Any] = {}
+    encoding = find(root, "encoding")
+    for space in ("encodedSpace", "reconSpace"):
+        node = find(encoding, space)
+        if node is None:
+            continue
+        matrix = find(node, "matrixSize")
+        fov = find(node, "fieldOfView_mm")
+        if matrix is not None:
+            out[f"{space}_matrix"] = [
+                int(float(find(matrix, a).text)) for a in "xyz" if find(matrix, a) is not None
+            ]
+        if fov is not None:
+            out[f"{space}_fov_mm"] = [float(find(fov, a).text) for a in "xyz" if find(fov, a) is not None]
+    return out
+
+
+def _header_spacing(info: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(H, W, slice) spacing from encodedSpace: fastMRI's H is the readout (x), W the phase (y)."""
+    matrix, fov = info.get("encodedSpace_matrix"), info.get("encodedSpace_fov_mm")
+    if not matrix or not fov or len(matrix) < 3 or len(fov) < 3 or min(matrix[:2]) <= 0:
+        return None
+    return (fov[0] / matrix[0], fov[1] / matrix[1], fov[2] / max(matrix[2], 1))
+
+
+def _centred_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int]) -> np.ndarray:
+    """Diagonal affine with the grid centred on the origin (fastMRI files carry no position)."""
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2.0
+    return aff
+
+
+def _geometry(stored_affine, header: str | None, shape: tuple[int, int, int], problems: list[str]):
+    """Affine of the (H, W, S) image grid: our stored attribute, else the ISMRMRD field of view, else 1 mm."""
+    header_info: dict[str, Any] = {}
+    if header:
+        try:
+            header_info = parse_ismrmrd_header(header)
+        except ET.ParseError as exc:
+            problems.append(f"ismrmrd_header is not valid XML ({exc})")
+    if stored_affine is not None and stored_affine.shape == (4, 4) and np.all(np.isfinite(stored_affine)):
+        return stored_affine, header_info
+    spacing = _header_spacing(header_info)
+    if spacing is None:
+        spacing = (1.0, 1.0, 1.0)
+        problems.append("no ismrmrd_header field of view: spacing assumed 1 mm, orientation unknown")
+    return _centred_affine(spacing, shape), header_info
+
+
+def probe_kspace(path: str | Path) -> dict[str, Any]:
+    """Shape (H, W, S), affine, description and problems of a k-space file without reading its arrays."""
+    import h5py
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ScanError(path, "empty file (0 bytes)")
+    if not is_hdf5_file(path):
+        raise ScanError(path, "not an HDF5 file")
+    problems: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            if "kspace" not in f:
+                raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
+            shape = f["kspace"].shape
+            if not np.issubdtype(f["kspace"].dtype, np.complexfloating) and not (
+                len(shape) in (4, 5) and shape[-1] == 2
+            ):
+                raise ScanError(path, f"'kspace' is real-valued {f['kspace'].dtype}; expected complex")
+            if not np.issubdtype(f["kspace"].dtype, np.complexfloating):
+                shape = shape[:-1]
+            if len(shape) not in (3, 4):
+                raise ScanError(path, f"'kspace' has shape {shape}; expected (S, H, W) or (S, C, H, W)")
+            header = None
+            if "ismrmrd_header" in f:
+                h = f["ismrmrd_header"][()]
+                header = h.decode("utf-8", "replace") if isinstance(h, bytes) else str(h)
+            stored = np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None
+            description = f.attrs.get("description", "")
+            if isinstance(description, bytes):
+                description = description.decode("utf-8", "replace")
+    except ScanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for corrupt files
+        raise ScanError(path, f"unreadable HDF5 k-space ({type(exc).__name__}: {exc})") from None
+    image_shape = (int(shape[-2]), int(shape[-1]), int(shape[0]))
+    affine, _ = _geometry(stored, header, image_shape, problems)
+    return {
+        "shape": image_shape,
+        "affine": affine,
+        "description": str(description) or path.name.split(".")[0],
+        "coils": int(shape[1]) if len(shape) == 4 else 1,
+        "problems": problems,
+    }
+
+
+def read_kspace(path: str | Path) -> KSpaceData:
+    """Read a fastMRI-layout HDF5 file; every failure becomes a ScanError naming the file."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise ScanError(path, "empty file (0 bytes)")
+    if not is_hdf5_file(path):
+        raise ScanError(path, "not an HDF5 file")
+    problems: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            if "kspace" not in f:
+                raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
+            raw = f["kspace"][()]
+            if not np.iscomplexobj(raw):
+                if raw.ndim in (4, 5) and raw.shape[-1] == 2:
+                    raw = raw[..., 0] + 1j * raw[..., 1]
+                else:
+                    raise ScanError(path, f"'kspace' is real-valued {raw.dtype}; expected complex")
+            if raw.ndim not in (3, 4):
+                raise ScanError(path, f"'kspace' has shape {raw.shape}; expected (S, H, W) or (S, C, H, W)")
+            mask = np.asarray(f["mask"][()], dtype=np.float32) if "mask" in f else None
+            order = (
+                ("reconstruction_rss", "reconstruction_esc")
+                if raw.ndim == 4
+                else ("reconstruction_esc", "reconstruction_rss")
+            )
+            reference, reference_name = None, None
+            for name in order:
+                if name in f:
+                    reference, reference_name = np.asarray(f[name][()], dtype=np.float32), name
+                    break
+            header = None
+            if "ismrmrd_header" in f:
+                h = f["ismrmrd_header"][()]
+                header = h.decode("utf-8", "replace") if isinstance(h, bytes) else str(h)
+            attrs = {
+                k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items() if k in _SAFE_ATTRS
+            }
+            stored_affine = np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None
+            description = f.attrs.get("description", "")
+            if isinstance(description, bytes):
+                description = description.decode("utf-8", "replace")
+    except ScanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for corrupt files
+        raise ScanError(path, f"unreadable HDF5 k-space ({type(exc).__name__}: {exc})") from None
+
+    s, h, w = raw.shape[0], raw.shape[-2], raw.shape[-1]
+    affine, header_info = _geometry(stored_affine, header, (h, w, s), problems)
+    if mask is not None:
+        try:
+            np.broadcast_to(mask, (h, w))
+        except ValueError:
+            problems.append(f"mask shape {mask.shape} does not broadcast to (H, W) = ({h}, {w}); ignored")
+            mask = None
+    if reference is not None and reference.shape != (s, h, w):
+        problems.append(f"{reference_name} has shape {reference.shape}, not (S, H, W) = ({s}, {h}, {w})")
+    meta: dict[str, Any] = {
+        "modality": "MR",
+        "description": str(description) or path.name.split(".")[0],
+        "source_files": [str(path)],
+        "reference_name": reference_name,
+        "ismrmrd": header_info,
+        "problems": problems,
+        **attrs,
+    }
+    return KSpaceData(raw.astype(np.complex64), mask, affine, reference, meta, path)
+
+
+def _ismrmrd_xml(data: KSpaceData) -> str:
+    """A minimal ISMRMRD header carrying matrix size and field of view, so fastMRI tools see the spacing."""
+    h, w, s = data.image_shape
+    sp = np.linalg.norm(data.affine[:3, :3], axis=0)
+    fov = (h * sp[0], w * sp[1], sp[2])
+    space = (
+        f"<matrixSize><x>{h}</x><y>{w}</y><z>1</z></matrixSize>"
+        f"<fieldOfView_mm><x>{fov[0]:.6f}</x><y>{fov[1]:.6f}</y><z>{fov[2]:.6f}</z></fieldOfView_mm>"
+    )
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        '<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">'
+        f"<encoding><encodedSpace>{space}</encodedSpace><reconSpace>{space}</reconSpace>"
+        f"<encodingLimits><slice><minimum>0</minimum><maximum>{s - 1}</maximum><center>{s // 2}</center>"
+        "</slice></encodingLimits></encoding></ismrmrdHeader>"
+    )
+
+
+def write_kspace(path: str | Path, data: KSpaceData) -> Path:
+    """Write ``data`` in fastMRI layout (plus an ``affine`` attribute), atomically."""
+    import h5py
+
+    path = Path(path)
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("kspace", data=np.asarray(data.kspace, dtype=np.complex64))
+        if data.mask is not None:
+            f.create_dataset("mask", data=np.asarray(data.mask, dtype=np.float32))
+        if data.reference is not None:
+            name = "reconstruction_rss" if data.multicoil else "reconstruction_esc"
+            f.create_dataset(name, data=np.asarray(data.reference, dtype=np.float32))
+        f.create_dataset("ismrmrd_header", data=_ismrmrd_xml(data).encode("utf-8"))
+        f.attrs["affine"] = np.asarray(data.affine, dtype=np.float64)
+        f.attrs["acquisition"] = "multicoil" if data.multicoil else "singlecoil"
+        if data.reference is not None:
+            f.attrs["max"] = float(np.max(data.reference))
+        desc = data.meta.get("description")
+        if desc:
+            f.attrs["description"] = str(desc)
+    return path
