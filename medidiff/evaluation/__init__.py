@@ -1,1 +1,5 @@
-"""medidiff.evaluation"""
+"""medidiff.evaluation: fastMRI-convention metrics and method comparison tables."""
+
+from medidiff.evaluation.metrics import all_metrics, hfen, nmse, psnr, ssim
+
+__all__ = ["all_metrics", "hfen", "nmse", "psnr", "ssim"]

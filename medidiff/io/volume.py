@@ -61,7 +61,7 @@ class Volume:
     def source_files(self) -> list[Path]:
         return [Path(p) for p in self.meta.get("source_files", [])]
 
-    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None, **meta: Any) -> "Volume":
+    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None, **meta: Any) -> Volume:
         """A new Volume sharing this one's metadata, with new voxels (and optionally a new affine)."""
         new_meta = dict(self.meta)
         new_meta.update(meta)
