@@ -29,11 +29,9 @@ def convert(
     magnitude image. Problems are printed per file; the exit code is 1 when nothing could be converted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from medidiff.io.dicom_write import write_dicom_series
+    from medidiff.io.dicom_read import pydicom_messages, warning_problems
     from medidiff.io.discover import discover
     from medidiff.io.errors import ScanError
-    from medidiff.io.kspace import KSpaceData
-    from medidiff.io.nifti import write_nifti
 
     to = to.lower()
     if to not in ("nifti", "dicom"):
@@ -65,31 +63,42 @@ def convert(
                 continue
             name = source.key.replace("/", "__")
             try:
-                scan = source.load()
-                vol = scan.image() if isinstance(scan, KSpaceData) else scan
-                if to == "nifti":
-                    target = write_nifti(vol, out / f"{_strip(name)}.nii.gz")
-                else:
-                    target = out / _strip(name)
-                    write_dicom_series(
-                        vol,
-                        target,
-                        source=vol if vol.meta.get("dicom_header") is not None else None,
-                        series_description=(source.description or "medidiff")[:52] + " (converted)",
-                        derivation_description="Converted by medidiff convert; values rescaled "
-                        "to int16 with RescaleSlope/Intercept",
-                    )
+                with pydicom_messages() as messages:  # never let pydicom print on stderr
+                    target = _convert_one(source, out, to, name)
             except (ScanError, ValueError, OSError) as exc:
                 failed += 1
                 say(f"failed {source.path}: {getattr(exc, 'problem', exc)}")
                 continue
             converted += 1
-            for problem in source.problems:
+            for problem in dict.fromkeys(list(source.problems) + target[1] + warning_problems(messages)):
                 say(f"note {source.path}: {problem}")
-            say(f"wrote {target}")
+            say(f"wrote {target[0]}")
     typer.echo(f"{converted} scan(s) converted, {failed} not converted, into {out}")
     if converted == 0:
         raise typer.Exit(1)
+
+
+def _convert_one(source, out: Path, to: str, name: str) -> tuple[Path, list[str]]:
+    """Load one scan and write it; returns the output path and the problems found while loading."""
+    from medidiff.io.dicom_write import write_dicom_series
+    from medidiff.io.kspace import KSpaceData
+    from medidiff.io.nifti import write_nifti
+
+    scan = source.load()
+    vol = scan.image() if isinstance(scan, KSpaceData) else scan
+    if to == "nifti":
+        target = write_nifti(vol, out / f"{_strip(name)}.nii.gz")
+    else:
+        target = out / _strip(name)
+        write_dicom_series(
+            vol,
+            target,
+            source=vol if vol.meta.get("dicom_header") is not None else None,
+            series_description=(source.description or "medidiff")[:52] + " (converted)",
+            derivation_description="Converted by medidiff convert; values rescaled "
+            "to int16 with RescaleSlope/Intercept",
+        )
+    return target, list(vol.meta.get("problems") or [])
 
 
 def _strip(name: str) -> str:

@@ -8,8 +8,12 @@ the only place that conversion happens on the way in.
 
 from __future__ import annotations
 
+import logging
 import struct
+import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,77 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _ORIENT_DECIMALS = 4
 
 
+# ----------------------------------------------------------------------------------------------- pydicom messages
+class _ListHandler(logging.Handler):
+    """Logging handler that appends each record's message to a list."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+@contextmanager
+def pydicom_messages() -> Iterator[list[str]]:
+    """Collect pydicom's warnings and warning-level log records instead of printing them.
+
+    The yielded list is filled (deduplicated, in order) when the block exits. Warnings raised by other
+    libraries inside the block are re-issued unchanged.
+    """
+    messages: list[str] = []
+    logger = logging.getLogger("pydicom")
+    handler = _ListHandler(messages)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    others: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        for w in caught:
+            if "pydicom" in (w.filename or "") or w.category.__module__.startswith("pydicom"):
+                messages.append(str(w.message))
+            else:
+                others.append(w)
+        unique = list(dict.fromkeys(m.strip() for m in messages if m.strip()))
+        messages[:] = unique
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def warning_problems(messages: list[str]) -> list[str]:
+    """pydicom's complaints about a file, worded as problems."""
+    return [f"malformed DICOM encoding (pydicom: {m})" for m in messages]
+
+
 # ----------------------------------------------------------------------------------------------- headers
-def read_header(path: str | Path):
-    """Header of one file (no pixels) checked to be a readable, complete 2D image; else ScanError."""
+def read_header(path: str | Path, notes: list[str] | None = None):
+    """Header of one file (no pixels) checked to be a readable, complete 2D image; else ScanError.
+
+    pydicom's warnings about the file are not printed; they are appended to ``notes`` as problems.
+    """
+    try:
+        with pydicom_messages() as messages:
+            ds = _read_header(Path(path))
+    except ScanError as exc:
+        if not messages:
+            raise
+        raise ScanError(exc.path, "; ".join([exc.problem, *warning_problems(messages)[:2]])) from None
+    if notes is not None:
+        notes.extend(warning_problems(messages))
+    return ds
+
+
+def _read_header(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -132,6 +200,7 @@ class DicomGroup:
     enhanced: bool = False
     frames: list[int] | None = None  # enhanced: 0-based frame numbers of this volume
     sub_index: int | None = None  # which split of the series (None when the series is one volume)
+    notes: list[str] = field(default_factory=list)  # non-fatal problems (e.g. pydicom's warnings)
 
 
 def _is_enhanced(ds) -> bool:
@@ -149,12 +218,35 @@ def _orientation_key(iop) -> tuple[float, ...] | None:
     return tuple(round(float(v), _ORIENT_DECIMALS) + 0.0 for v in iop)
 
 
-def group_headers(items: list[tuple[Path, Any]]) -> list[DicomGroup]:
+def _group_notes(files: list[Path], notes: dict[Path, list[str]] | None) -> list[str]:
+    """The files' non-fatal problems, each once, with how many files it concerns."""
+    if not notes:
+        return []
+    counts: dict[str, int] = defaultdict(int)
+    for f in files:
+        for note in notes.get(f, []):
+            counts[note] += 1
+    n = len(files)
+    return [note if n == 1 else f"{note} in {c} of {n} files" for note, c in counts.items()]
+
+
+def group_headers(
+    items: list[tuple[Path, Any]], notes: dict[Path, list[str]] | None = None
+) -> list[DicomGroup]:
     """Split headers into one group per volume: series, then orientation, echo, size, acquisition.
 
     Localizer/scout images are dropped (reported in a group with only problems); enhanced files are
-    split into their volumes by frame.
+    split into their volumes by frame. ``notes`` (per file, from ``read_header``) become each group's
+    non-fatal ``notes``.
     """
+    groups = _group_headers(items)
+    for group in groups:
+        group.notes = _group_notes(group.files, notes)
+    return groups
+
+
+def _group_headers(items: list[tuple[Path, Any]]) -> list[DicomGroup]:
+    """``group_headers`` without notes."""
     by_series: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
     groups: list[DicomGroup] = []
     for path, ds in items:
@@ -305,6 +397,12 @@ def classic_geometry(group: DicomGroup) -> tuple[np.ndarray, np.ndarray, list[st
     spacings = {tuple(round(float(v), 4) for v in (d.get("PixelSpacing") or [])) for d in heads}
     if len(spacings) > 1:
         problems.append("slices have different pixel spacings")
+    if any("MOSAIC" in [str(v).upper() for v in (d.get("ImageType") or [])] for d in heads):
+        problems.append(
+            "Siemens mosaic (ImageType MOSAIC): the slices tiled in each image are not unpacked, so the "
+            "header geometry would be wrong; convert with dcm2niix first"
+        )
+        return np.arange(len(heads)), np.eye(4), problems
     if any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in heads):
         problems.append("multi-frame file without functional groups (not an enhanced image): unsupported")
     thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
@@ -439,14 +537,20 @@ def _rescale(arr: np.ndarray, slope, intercept) -> np.ndarray:
     return arr
 
 
-def decode_file(path: Path):
-    """Full read + pixel decode of one file; ScanError naming the transfer syntax on failure."""
+def decode_file(path: Path, notes: list[str] | None = None):
+    """Full read + pixel decode of one file; ScanError naming the transfer syntax on failure.
+
+    pydicom's warnings are not printed; they are appended to ``notes`` as problems.
+    """
     import pydicom
 
     ds = None
     try:
-        ds = pydicom.dcmread(path, force=True)
-        arr = ds.pixel_array
+        with pydicom_messages() as messages:
+            ds = pydicom.dcmread(path, force=True)
+            arr = ds.pixel_array
+        if notes is not None:
+            notes.extend(warning_problems(messages))
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types; name the file instead
         ts = ""
         meta = getattr(ds, "file_meta", None)
@@ -461,16 +565,29 @@ def decode_file(path: Path):
 
 
 def load_group(group: DicomGroup, root_path: Path | None = None) -> Volume:
-    """Decode the pixels of a group into a Volume (RAS affine); ScanError if its geometry has problems."""
+    """Decode the pixels of a group into a Volume (RAS affine); ScanError if its geometry has problems.
+
+    Non-fatal problems (the group's notes, pydicom's warnings while decoding) go to ``meta['problems']``.
+    """
+    notes: list[str] = []
+    with pydicom_messages() as messages:
+        vol = _load_group(group, root_path, notes)
+    vol.meta["problems"] = list(dict.fromkeys(group.notes + notes + warning_problems(messages)))
+    return vol
+
+
+def _load_group(group: DicomGroup, root_path: Path | None, notes: list[str]) -> Volume:
+    """``load_group`` without the collection of pydicom's messages."""
     where = root_path or (group.files[0].parent if len(group.files) > 1 else group.files[0])
     if group.problems:
         raise ScanError(where, "; ".join(group.problems))
     order, affine, problems = group_geometry(group)
     if problems:
         raise ScanError(where, "; ".join(problems))
+    frame_numbers: list[int] | None = None
     if group.enhanced:
         path = group.files[0]
-        ds, arr = decode_file(path)
+        ds, arr = decode_file(path, notes)
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         arr = arr.reshape((n_frames,) + arr.shape[-2:])
         per_frame = ds.PerFrameFunctionalGroupsSequence
@@ -483,13 +600,15 @@ def load_group(group: DicomGroup, root_path: Path | None = None) -> Volume:
             )
             for f in frames
         ]
-        header, sop_uids = ds, [str(ds.get("SOPInstanceUID", ""))]
+        header = ds
+        sop_uids = [str(ds.get("SOPInstanceUID", ""))] * len(frames)
+        frame_numbers = [f + 1 for f in frames]  # DICOM frame numbers are 1-based
         files = [str(path)]
     else:
         slices, sop_uids, header = [], [], None
         files = [str(group.files[i]) for i in order]
         for i in order:
-            ds, arr = decode_file(group.files[i])
+            ds, arr = decode_file(group.files[i], notes)
             if arr.ndim != 2:
                 raise ScanError(group.files[i], f"expected a 2D slice, decoded shape {arr.shape}")
             slices.append(_rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept")))
@@ -509,6 +628,8 @@ def load_group(group: DicomGroup, root_path: Path | None = None) -> Volume:
         "source_sop_class_uid": str(header.get("SOPClassUID", "")),
         "problems": [],
     }
+    if frame_numbers is not None:
+        meta["source_frame_numbers"] = frame_numbers
     if group.sub_index is not None:
         meta["index"] = group.sub_index
     return Volume(data, affine, meta)
@@ -529,11 +650,12 @@ def _header_only(ds):
 
 def read_dicom_files(files: list[str | Path], root_path: Path | None = None) -> list[Volume]:
     """Read the given files as DICOM; one Volume per volume-group found (ScanError on any bad file)."""
-    items = [(Path(f), read_header(f)) for f in files]
+    notes: dict[Path, list[str]] = defaultdict(list)
+    items = [(Path(f), read_header(f, notes[Path(f)])) for f in files]
+    with pydicom_messages():
+        found = group_headers(items, notes)
     groups = [
-        g
-        for g in group_headers(items)
-        if not (g.problems and not g.enhanced and g.headers and _is_localizer(g.headers[0]))
+        g for g in found if not (g.problems and not g.enhanced and g.headers and _is_localizer(g.headers[0]))
     ]
     if not groups:
         raise ScanError(root_path or Path(files[0]), "no image volume (only localizers?)")

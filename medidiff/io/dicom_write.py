@@ -6,6 +6,10 @@ highdicom has no constructor for single-frame MR images (its ``legacy`` module c
 objects), so pydicom with an explicit attribute list is the direct way to produce a valid IOD.
 The output is checked with dciodvfy in the tests.
 
+References to the source stay small: each file's SourceImageSequence names only the source slice(s)
+its own slice overlaps (with ReferencedFrameNumber when the source is an enhanced multi-frame file),
+and its ReferencedSeriesSequence lists just those instances under the source SeriesInstanceUID.
+
 Geometry comes from the Volume's RAS affine, converted to DICOM LPS here only. Values are stored as
 int16 with one RescaleSlope/RescaleIntercept for the series so readers get floats back within
 1/64000 of the value range.
@@ -115,11 +119,11 @@ def write_dicom_series(
     """Write ``vol`` as a derived MR series into ``out_dir`` (replaced whole or not at all).
 
     Patient, study and frame of reference are kept when the source was DICOM, otherwise new
-    placeholders; each slice references its nearest source slice (SourceImageSequence) and the series
-    references the source series (ReferencedSeriesSequence).
+    placeholders. Each file references the source slice(s) its slice overlaps along the normal
+    (SourceImageSequence, with ReferencedFrameNumber for an enhanced source) and lists those instances
+    under the source series in ReferencedSeriesSequence (Common Instance Reference module).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     out_dir = Path(out_dir)
@@ -197,6 +201,8 @@ def write_dicom_series(
         common.InversionTime = None
     common.Modality = "MR"
     if "Laterality" not in common:
+        # type 2C: dciodvfy errors when it is absent and it cannot tell the body part is unpaired, and only
+        # warns when it is empty, so the source's value (or empty, "unknown") is written
         common.Laterality = src_hdr.get("Laterality", "") if src_hdr is not None else ""
     common.SeriesInstanceUID = series_uid
     common.SeriesNumber = int(series_number)
@@ -223,23 +229,7 @@ def write_dicom_series(
         common.VOILUTFunction = "LINEAR_EXACT"
     common.SOPClassUID = MR_IMAGE_STORAGE
 
-    src_uids: list[str] = []
-    src_class = MR_IMAGE_STORAGE
-    if src_vol is not None:
-        src_uids = [u for u in src_vol.meta.get("source_sop_instance_uids", []) if u]
-        src_class = src_vol.meta.get("source_sop_class_uid") or str(
-            src_hdr.get("SOPClassUID", MR_IMAGE_STORAGE)
-        )
-        if src_vol.meta.get("series_uid") and src_uids:
-            ref_series = Dataset()
-            ref_series.SeriesInstanceUID = src_vol.meta["series_uid"]
-            ref_items = []
-            for uid in src_uids:
-                ri = Dataset()
-                ri.ReferencedSOPClassUID, ri.ReferencedSOPInstanceUID = src_class, uid
-                ref_items.append(ri)
-            ref_series.ReferencedInstanceSequence = Sequence(ref_items)
-            common.ReferencedSeriesSequence = Sequence([ref_series])
+    refs = _SourceRefs(src_vol, src_hdr) if src_vol is not None else None
 
     n_slices = array.shape[2]
     written: list[Path] = []
@@ -253,12 +243,8 @@ def write_dicom_series(
             position = lps[:3, 3] + k * col_k
             ds.ImagePositionPatient = [_ds(v) for v in position]
             ds.SliceLocation = _ds(float(position @ normal))
-            if src_uids:
-                src_k = _nearest_source_slice(src_vol, vol.affine, array.shape, k, len(src_uids))
-                item = Dataset()
-                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = src_class, src_uids[src_k]
-                item.PurposeOfReferenceCodeSequence = Sequence([_code_item(_PURPOSE_SOURCE)])
-                ds.SourceImageSequence = Sequence([item])
+            if refs is not None and refs.uids:
+                refs.add_to(ds, _overlapping_source_slices(src_vol, vol.affine, array.shape, k))
             ds.PixelData = np.ascontiguousarray(codes[:, :, k].T).astype("<i2").tobytes()
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -271,14 +257,74 @@ def write_dicom_series(
     return written
 
 
-def _nearest_source_slice(src: Volume, affine: np.ndarray, shape, k: int, n_src: int) -> int:
-    """Index of the source slice nearest to the centre of output slice ``k`` (world coordinates)."""
+class _SourceRefs:
+    """The source's instances (and frames, for an enhanced source) per source slice."""
+
+    def __init__(self, src: Volume, header) -> None:
+        self.uids = [str(u) for u in src.meta.get("source_sop_instance_uids", []) if u]
+        self.frames: list[int | None] = list(src.meta.get("source_frame_numbers") or [None] * len(self.uids))
+        if len(self.uids) == 1 and src.shape[2] > 1 and "NumberOfFrames" in header:
+            # one multi-frame instance recorded once (older meta): frames follow the slice order
+            self.uids, self.frames = self.uids * src.shape[2], list(range(1, src.shape[2] + 1))
+        if len(self.frames) != len(self.uids):
+            self.frames = [None] * len(self.uids)
+        self.sop_class = src.meta.get("source_sop_class_uid") or str(
+            header.get("SOPClassUID", MR_IMAGE_STORAGE)
+        )
+        self.series_uid = str(src.meta.get("series_uid") or "")
+
+    def add_to(self, ds, slices: list[int]) -> None:
+        """Add SourceImageSequence (one item per instance, with its frames) and the matching
+        ReferencedSeriesSequence (Common Instance Reference module) for source ``slices``."""
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        by_uid: dict[str, list[int]] = {}
+        for s in slices:
+            s = min(max(s, 0), len(self.uids) - 1)
+            frames = by_uid.setdefault(self.uids[s], [])
+            if self.frames[s] is not None and self.frames[s] not in frames:
+                frames.append(int(self.frames[s]))
+        items, instances = [], []
+        for uid, frames in by_uid.items():
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = self.sop_class, uid
+            if frames:
+                item.ReferencedFrameNumber = frames if len(frames) > 1 else frames[0]
+            item.PurposeOfReferenceCodeSequence = Sequence([_code_item(_PURPOSE_SOURCE)])
+            items.append(item)
+            instance = Dataset()
+            instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = self.sop_class, uid
+            instances.append(instance)
+        ds.SourceImageSequence = Sequence(items)
+        if self.series_uid:
+            series = Dataset()
+            series.SeriesInstanceUID = self.series_uid
+            series.ReferencedInstanceSequence = Sequence(instances)
+            ds.ReferencedSeriesSequence = Sequence([series])
+
+
+def _overlapping_source_slices(src: Volume, affine: np.ndarray, shape, k: int) -> list[int]:
+    """Source slices whose slab overlaps the slab of output slice ``k`` along the source slice normal.
+
+    Both slabs are one slice spacing thick and centred on their slice; when none overlaps (output
+    outside the source), the nearest source slice.
+    """
+    src_aff = np.asarray(src.affine, dtype=np.float64)
+    out_aff = np.asarray(affine, dtype=np.float64)
+    n_src = src.shape[2]
     if n_src == 1:
-        return 0
-    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2, k, 1.0])
-    world = np.asarray(affine) @ centre
-    src_ijk = np.linalg.solve(np.asarray(src.affine), world)
-    return int(np.clip(np.round(src_ijk[2]), 0, n_src - 1))
+        return [0]
+    centre = out_aff @ np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2, k, 1.0])
+    c = float(np.linalg.solve(src_aff, centre)[2])  # continuous source slice index
+    normal = np.cross(src_aff[:3, 0], src_aff[:3, 1])
+    normal /= np.linalg.norm(normal)
+    src_gap = abs(float(src_aff[:3, 2] @ normal))
+    half = 0.5 * abs(float(out_aff[:3, 2] @ normal)) / src_gap if src_gap > 0 else 0.0
+    eps = 1e-3  # slabs that only touch do not overlap
+    lo, hi = int(np.ceil(c - half - 0.5 + eps)), int(np.floor(c + half + 0.5 - eps))
+    inside = [s for s in range(lo, hi + 1) if 0 <= s < n_src]
+    return inside or [int(np.clip(np.round(c), 0, n_src - 1))]
 
 
 def _version() -> str:

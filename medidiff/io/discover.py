@@ -198,22 +198,26 @@ def _kspace_source(path: Path, root: Path) -> ScanSource:
     )
 
 
-def _dicom_sources(folder: Path, items: list[tuple[Path, Any]], root: Path) -> Iterator[ScanSource]:
+def _dicom_sources(
+    folder: Path, items: list[tuple[Path, Any]], root: Path, notes: dict[Path, list[str]]
+) -> Iterator[ScanSource]:
     """Group one folder's headers into volumes and describe each from headers only."""
-    from medidiff.io.dicom_read import _is_localizer, group_geometry, group_headers, group_shape
+    from medidiff.io.dicom_read import _is_localizer, group_headers, pydicom_messages, warning_problems
 
-    for group in group_headers(items):
+    with pydicom_messages():
+        groups = group_headers(items, notes)
+    for group in groups:
         if group.problems and not group.enhanced and _is_localizer(group.headers[0]):
             kind, shape, affine, problems = "invalid", None, None, list(group.problems)
         else:
-            try:
-                _, affine, geo = group_geometry(group)
-            except (ValueError, TypeError, IndexError, AttributeError) as exc:  # malformed geometry values
-                affine, geo = None, [f"unreadable geometry ({type(exc).__name__}: {exc})"]
-            problems = list(group.problems) + geo
-            if any("missing plane geometry" in p or "refusing to invent" in p for p in problems):
+            with pydicom_messages() as messages:
+                affine, geo, shape = _header_geometry(group)
+            problems = list(group.problems) + geo + group.notes + warning_problems(messages)
+            if any(
+                w in p for p in problems for w in ("missing plane geometry", "refusing to invent", "mosaic")
+            ):
                 affine = None
-            kind, shape = "dicom", group_shape(group)
+            kind = "dicom"
         uid_hash = hashlib.sha1(group.series_uid.encode()).hexdigest()[:8]
         number = f"{group.series_number:04d}" if group.series_number is not None else "xxxx"
         rel = _rel(folder, root)
@@ -240,11 +244,26 @@ def _dicom_sources(folder: Path, items: list[tuple[Path, Any]], root: Path) -> I
         )
 
 
+def _header_geometry(group: Any) -> tuple[np.ndarray | None, list[str], tuple[int, int, int] | None]:
+    """Affine, geometry problems and shape of a DICOM group from its headers (never raises)."""
+    from medidiff.io.dicom_read import group_geometry, group_shape
+
+    try:
+        _, affine, geo = group_geometry(group)
+        shape = group_shape(group)
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:  # malformed values
+        return None, [f"unreadable geometry ({type(exc).__name__}: {exc})"], None
+    return affine, geo, shape
+
+
+_GZIPPED_DICOM = (".dcm.gz", ".ima.gz", ".dicom.gz")
+
+
 def _is_candidate(path: Path) -> bool:
     name = path.name
     if name.startswith(".") or name in _SKIP_NAMES:
         return False
-    if is_nifti_path(name):
+    if is_nifti_path(name) or name.lower().endswith(_GZIPPED_DICOM):
         return True
     return path.suffix.lower() not in _SKIP_SUFFIXES
 
@@ -268,6 +287,7 @@ def _sources_for_files(folder: Path, files: list[Path], root: Path) -> Iterator[
     from medidiff.io.dicom_read import read_header
 
     headers: list[tuple[Path, Any]] = []
+    notes: dict[Path, list[str]] = {}
     for path in files:
         other = _OTHER_FORMATS.get(path.suffix.lower())
         if other:
@@ -276,17 +296,20 @@ def _sources_for_files(folder: Path, files: list[Path], root: Path) -> Iterator[
                 root,
                 f"unsupported format ({other}): medidiff reads DICOM, NIfTI and fastMRI k-space HDF5",
             )
+        elif path.name.lower().endswith(_GZIPPED_DICOM):
+            yield _invalid(path, root, "gzip-compressed DICOM file: decompress it (gunzip) to read it")
         elif is_nifti_path(path):
             yield from _nifti_sources(path, root)
         elif is_kspace_path(path) or is_hdf5_file(path):
             yield _kspace_source(path, root)
         else:
+            notes[path] = []
             try:
-                headers.append((path, read_header(path)))
+                headers.append((path, read_header(path, notes[path])))
             except ScanError as exc:
                 yield _invalid(path, root, exc.problem)
     if headers:
-        yield from _dicom_sources(folder, headers, root)
+        yield from _dicom_sources(folder, headers, root, notes)
 
 
 def read_scan(path: str | Path) -> Volume | KSpaceData:

@@ -135,3 +135,14 @@ def run_dcm2niix(dicom_dir: Path, out_dir: Path) -> list[Path]:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sorted(out_dir.glob("*.nii"))
+
+
+def enhanced_from(folder: Path, out: Path) -> Path:
+    """An enhanced (legacy-converted) MR file made by highdicom from a classic series."""
+    import highdicom.legacy
+
+    datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    enhanced = highdicom.legacy.LegacyConvertedEnhancedMRImage(datasets, generate_uid(), 9, generate_uid(), 1)
+    out.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(out / "enhanced.dcm")
+    return out / "enhanced.dcm"

@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 
 from medidiff.io import ScanError, discover, read_scan
 from tests.io.conftest import PYDICOM_FILES, run_dcm2niix, write_classic_series
+from tests.io.conftest import enhanced_from as _enhanced_from
 
 
 def _canonical(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -253,17 +254,6 @@ def test_non_uniform_spacing_is_reported(tmp_path: Path) -> None:
     last.save_as(folder / "slice005")
     (source,) = list(discover(folder))
     assert any("non-uniform slice spacing" in p for p in source.problems)
-
-
-def _enhanced_from(folder: Path, out: Path) -> Path:
-    """An enhanced (legacy-converted) MR file made by highdicom from a classic series."""
-    import highdicom.legacy
-
-    datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
-    enhanced = highdicom.legacy.LegacyConvertedEnhancedMRImage(datasets, generate_uid(), 9, generate_uid(), 1)
-    out.mkdir(parents=True, exist_ok=True)
-    enhanced.save_as(out / "enhanced.dcm")
-    return out / "enhanced.dcm"
 
 
 def test_enhanced_multiframe_geometry_from_functional_groups(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from medidiff.io import Volume, read_nifti, read_scan, write_dicom_series, write_nifti
-from tests.io.conftest import PYDICOM_FILES, run_dcm2niix, write_classic_series
+from tests.io.conftest import PYDICOM_FILES, enhanced_from, run_dcm2niix, write_classic_series
 
 
 def oblique_volume(shape=(36, 30, 7), seed: int = 0) -> Volume:
@@ -150,6 +150,100 @@ def test_dcm2niix_reads_our_series_with_same_geometry(tmp_path: Path) -> None:
 def _dciodvfy_errors(path: Path) -> list[str]:
     proc = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def _shifted(affine: np.ndarray, scale_k: float, shift_k: float) -> np.ndarray:
+    """``affine`` with slice spacing times ``scale_k`` and origin moved ``shift_k`` new slices."""
+    out = affine @ np.diag([1.0, 1.0, scale_k, 1.0])
+    out[:3, 3] += shift_k * out[:3, 2]
+    return out
+
+
+def _slice_distance(ds, other_position, normal) -> float:
+    """Distance along ``normal`` (LPS) between a file's slice and a position."""
+    return abs(
+        float((np.asarray(ds.ImagePositionPatient, float) - np.asarray(other_position, float)) @ normal)
+    )
+
+
+@pytest.mark.parametrize(
+    ("scale_k", "shift_k", "refs_per_file"),
+    [(1.0, 0.0, 1), (0.5, -0.5, 1), (2.0, 0.25, 2)],
+    ids=["same-grid", "twice-the-slices", "half-the-slices"],
+)
+def test_each_file_references_only_the_source_slices_it_overlaps(
+    tmp_path: Path, scale_k: float, shift_k: float, refs_per_file: int
+) -> None:
+    """SourceImageSequence names the overlapping source slice(s); ReferencedSeriesSequence only those."""
+    truth = write_classic_series(tmp_path / "src", n_slices=8, slice_step=2.5)
+    source = read_scan(tmp_path / "src")
+    n_out = {1.0: 8, 0.5: 16, 2.0: 4}[scale_k]
+    vol = Volume(
+        np.zeros(source.shape[:2] + (n_out,), np.float32) + 7.5, _shifted(source.affine, scale_k, shift_k)
+    )
+    files = write_dicom_series(
+        vol, tmp_path / "out", source=source, series_description="r", derivation_description="r"
+    )
+    src_position = {
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(
+            f, stop_before_pixels=True
+        ).ImagePositionPatient
+        for f in (tmp_path / "src").iterdir()
+    }
+    out_gap, src_gap = 2.5 * scale_k, 2.5
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        refs = [item.ReferencedSOPInstanceUID for item in ds.SourceImageSequence]
+        assert len(refs) == refs_per_file == len(set(refs))
+        for uid in refs:  # every referenced source slab overlaps this file's slab
+            assert _slice_distance(ds, src_position[uid], truth["normal"]) < (out_gap + src_gap) / 2
+        (series,) = ds.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == source.meta["series_uid"]
+        assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == refs
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(files[0]) == []
+
+
+def test_enhanced_source_references_the_frame(tmp_path: Path) -> None:
+    """A derived series of an enhanced multi-frame source points at the frame of each slice."""
+    write_classic_series(tmp_path / "classic", n_slices=6)
+    path = enhanced_from(tmp_path / "classic", tmp_path / "enh")
+    source = read_scan(path)
+    enhanced = pydicom.dcmread(path, stop_before_pixels=True)
+    frame_position = {
+        n + 1: item.PlanePositionSequence[0].ImagePositionPatient
+        for n, item in enumerate(enhanced.PerFrameFunctionalGroupsSequence)
+    }
+    normal = np.cross(
+        *np.reshape(
+            np.asarray(
+                enhanced.SharedFunctionalGroupsSequence[0]
+                .PlaneOrientationSequence[0]
+                .ImageOrientationPatient,
+                float,
+            ),
+            (2, 3),
+        )
+    )
+    files = write_dicom_series(
+        source.with_array(source.array * 2.0),
+        tmp_path / "out",
+        source=source,
+        series_description="e",
+        derivation_description="e",
+    )
+    frames = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        (item,) = ds.SourceImageSequence
+        assert item.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        assert item.ReferencedSOPClassUID == enhanced.SOPClassUID
+        frame = int(item.ReferencedFrameNumber)
+        assert _slice_distance(ds, frame_position[frame], normal) < 1e-3  # the frame at this position
+        frames.append(frame)
+    assert sorted(frames) == list(range(1, 7))
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(files[0]) == []
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")

@@ -100,6 +100,46 @@ def test_cli_info_json_as_a_user_runs_it(tmp_path: Path) -> None:
     assert table.returncode == 0 and "truncated" in table.stdout
 
 
+def _implicit_vr_labelled_explicit(path: Path) -> Path:
+    """MR_small encoded implicit VR but labelled Explicit VR Little Endian: pydicom warns on reading."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, force_encoding=True)
+    return path
+
+
+def test_pydicom_warnings_become_problems_not_stderr(tmp_path: Path) -> None:
+    """`medidiff info` and `convert` keep pydicom's warnings off stderr and report them per scan."""
+    _implicit_vr_labelled_explicit(tmp_path / "in" / "odd" / "mr.dcm")
+    shutil.copy(PYDICOM_FILES / "SC_rgb_jpeg.dcm", tmp_path / "in" / "colour.dcm")  # warns, then rejected
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:  # the fixture really makes pydicom complain
+        warnings.simplefilter("always")
+        pydicom.dcmread(tmp_path / "in" / "odd" / "mr.dcm")
+    assert any("Expected explicit VR" in str(w.message) for w in caught)
+
+    proc = _run("info", str(tmp_path / "in"), "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    rows = {Path(row["path"]).name: row for row in json.loads(proc.stdout)}
+    assert rows["odd"]["kind"] == "dicom" and rows["odd"]["shape"] == [64, 64, 1]
+    assert any("Expected explicit VR" in p for p in rows["odd"]["problems"])
+    assert rows["colour.dcm"]["kind"] == "invalid"
+    proc = _run(
+        "convert", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--to", "nifti", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr and "Expected explicit VR" not in proc.stderr
+    assert "Expected explicit VR" in proc.stdout  # named as a note of that scan
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 1
+
+
 def test_cli_info_missing_path_fails(tmp_path: Path) -> None:
     proc = _run("info", str(tmp_path / "nope"), "--json", cwd=tmp_path)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
@@ -185,3 +225,51 @@ def test_every_shipped_pydicom_file_is_a_scan_or_a_named_problem() -> None:
             loaded += 1
             assert vol.array.dtype == np.float32 and np.isfinite(vol.affine).all()
     assert loaded >= 10
+
+
+def test_nibabel_shipped_dicom_files_are_scans_or_named_problems_and_match_dcm2niix(tmp_path: Path) -> None:
+    """nibabel's DICOM test data (Siemens mosaics, Philips enhanced, odd headers) through discover;
+    every volume we build agrees with dcm2niix wherever dcm2niix produces one."""
+    import gzip
+
+    from tests.io.test_io_dicom_read import _assert_same_world
+
+    nib_root = Path(nib.__file__).parent
+    unzipped = tmp_path / "unzipped"
+    for gz in sorted((nib_root / "nicom" / "tests" / "data").glob("*.dcm.gz")):
+        folder = unzipped / gz.name.removesuffix(".dcm.gz")
+        folder.mkdir(parents=True)
+        (folder / gz.name.removesuffix(".gz")).write_bytes(gzip.decompress(gz.read_bytes()))
+    roots = [nib_root / "tests" / "data", nib_root / "nicom" / "tests" / "data", unzipped]
+    sources = [s for root in roots for s in discover(root)]
+    assert all(s.kind in ("dicom", "nifti", "kspace", "invalid") for s in sources)
+    assert all(p.strip() for s in sources for p in s.problems)
+    assert all(s.problems for s in sources if s.kind == "invalid")
+    gzipped = [s for s in sources if s.path.name.endswith(".dcm.gz")]
+    assert len(gzipped) == 3 and all("gzip" in s.problems[0] for s in gzipped)
+    dicom = [s for s in sources if s.kind == "dicom"]
+    mosaics = [s for s in dicom if any("mosaic" in p for p in s.problems)]
+    assert len(mosaics) == 4 and all(s.affine is None for s in mosaics)  # 0/1.dcm twice, two DWI files
+    compared = 0
+    for n, source in enumerate(s for s in dicom if not s.problems):
+        vol = source.load()
+        assert vol.array.dtype == np.float32 and np.isfinite(vol.array).all()
+        folder, out = tmp_path / f"in{n}", tmp_path / f"d2n{n}"
+        folder.mkdir()
+        out.mkdir()
+        for f in source.files:
+            shutil.copy(f, folder / f.name)
+        exe = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+        proc = subprocess.run(
+            [exe, "-z", "n", "-b", "n", "-o", str(out), str(folder)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        nii = sorted(out.glob("*.nii"))
+        if proc.returncode != 0 or len(nii) != 1:  # dcm2niix cannot read slicethickness_empty_string.dcm
+            continue
+        _assert_same_world(nib.load(nii[0]), vol, atol_mm=1e-3)
+        compared += 1
+    assert compared >= 2  # decimal_rescale.dcm and the 176-slice Philips enhanced MPRAGE
