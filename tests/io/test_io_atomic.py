@@ -32,3 +32,22 @@ def test_atomic_dir_replaces_whole_or_nothing(tmp_path: Path) -> None:
         (tmp / "c.dcm").write_text("3")
     assert [p.name for p in target.iterdir()] == ["c.dcm"]
     assert [p.name for p in tmp_path.iterdir()] == ["series"]
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    """mkstemp/mkdtemp create private files; our outputs must be readable like any file the user writes."""
+    import os
+    import stat
+
+    from medidiff.io.atomic import atomic_dir, atomic_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "a.nii.gz") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "series") as tmp:
+            (tmp / "f").write_bytes(b"y")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.nii.gz").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o755
