@@ -1,0 +1,132 @@
+"""`medidiff enhance`: the main job — enhance every scan under a folder (resumable, atomic, tracked, Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medidiff.cli import app
+
+EXIT_STATUS_HELP = (
+    "Exit status: 0 all scans succeeded; 3 some scans failed (see the manifest); 2 usage error."
+)
+
+
+@app.command(
+    "enhance",
+    help="Enhance every scan under IN (DICOM series, NIfTI, fastMRI k-space) into OUT.\n\n"
+    "Task auto: k-space → reconstruction (recon); slice spacing ≥ 2× in-plane → through-plane SR (sr_thick); "
+    "otherwise in-plane SR ×2 (sr). Outputs mirror IN's folders under OUT: <scan>_enhanced.nii.gz, "
+    "<scan>_baseline.nii.gz (the 'before' image), <scan>_residual.nii.gz (data-consistency residual), "
+    "<scan>_uncertainty.nii.gz (with --samples > 1) and <scan>_enhanced_dicom/ (a derived DICOM series). "
+    "OUT/manifest.json records every scan; OUT/report.html shows them. Rerunning resumes: finished scans are "
+    "skipped (by input fingerprint and settings), interrupted ones redone. IN is never written to. "
+    + EXIT_STATUS_HELP,
+)
+def enhance(
+    input_dir: Path = typer.Argument(
+        ..., help="Folder to scan recursively for DICOM, NIfTI and k-space files."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must not be inside IN)."),
+    task: str = typer.Option(
+        "auto", "--task", help="auto | sr (in-plane ×2) | sr_thick (through-plane) | recon."
+    ),
+    fmt: str = typer.Option(
+        "both", "--format", help="nifti | dicom | both: how the enhanced image is written."
+    ),
+    samples: int = typer.Option(
+        1, "--samples", "-k", min=1, help="Diffusion samples per scan; K > 1 also writes an uncertainty map."
+    ),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps (default: the model's)."),
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        help="Checkpoint folder or shipped model name; replaces the shipped model of the task it was trained for (repeat for several tasks).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Batch seed; each scan's seed derives from it and the scan key."
+    ),
+    engine: str = typer.Option("local", "--engine", help="local (this process) | ray (actor pool)."),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Ray cluster address to join (e.g. 'auto' or HOST:6379); default starts a local Ray.",
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Ray actors (default: one per GPU, else one per CPU)."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="torch threads per worker (default: CPUs - 1 for local, the actor's CPUs for ray).",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (GPU when visible) | cpu | cuda: where the models run."
+    ),
+    force: bool = typer.Option(False, "--force", help="Redo scans already done."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be done, write nothing."),
+    tracking_uri: str | None = typer.Option(
+        None,
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).",
+    ),
+    decode_timeout: float = typer.Option(
+        300.0,
+        "--decode-timeout",
+        min=1.0,
+        help="Seconds allowed to decode one scan (in an isolated process).",
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not write OUT/report.html."),
+) -> None:
+    """Enhance every scan under IN into OUT."""
+    from rich.console import Console
+
+    from medidiff.pipeline.batch import EXIT_USAGE, BatchUsageError, run_batch
+    from medidiff.pipeline.worker import EnhanceSettings
+
+    console = Console(stderr=True)
+    try:
+        settings = EnhanceSettings(
+            task=task,
+            fmt=fmt,
+            samples=samples,
+            steps=steps,
+            models=tuple(model or ()),
+            seed=seed,
+            decode_timeout_s=decode_timeout,
+        )
+        if engine not in ("local", "ray"):
+            raise BatchUsageError(f"--engine must be local or ray, got {engine!r}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise BatchUsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+        if address and engine != "ray":
+            raise BatchUsageError("--address needs --engine ray")
+    except (BatchUsageError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    try:
+        summary = run_batch(
+            input_dir,
+            out,
+            settings,
+            engine=engine,
+            address=address,
+            force=force,
+            dry_run=dry_run,
+            tracking_uri=tracking_uri,
+            num_workers=workers,
+            threads=threads,
+            device=device,
+            console=console,
+            report=not no_report,
+        )
+    except BatchUsageError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    if not dry_run:
+        console.print(f"manifest: {summary.manifest}")
+        if summary.report:
+            console.print(f"report:   {summary.report}")
+    raise typer.Exit(summary.exit_code)

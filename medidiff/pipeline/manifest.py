@@ -1,0 +1,162 @@
+"""The batch manifest (``OUT/manifest.json``): what was done to which scan, rewritten atomically after each scan.
+
+Schema (docs/interfaces.md)::
+
+    {"version": 1, "input_root": str, "output_root": str, "params": {...},
+     "scans": {key: {"key", "input", "kind", "task", "status": "done"|"failed", "fingerprint",
+                     "outputs": {"enhanced", "uncertainty", "residual", "baseline", "dicom"},
+                     "metrics": {...}, "seconds": float, "error": str|None}}}
+
+Keys are anonymous scan keys (paths relative to the input root), never patient data. Only the batch
+driver writes this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+# Every temporary file or folder the batch creates under OUT carries this marker in its name, so a
+# restarted batch can remove what a killed one left behind.
+TEMP_MARKER = ".medidiff-tmp"
+OUTPUT_KINDS = ("enhanced", "uncertainty", "residual", "baseline", "dicom")
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync it, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMP_MARKER}-{os.getpid()}-{path.name}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def input_fingerprint(files: Iterable[Path], root: Path, settings: dict[str, Any]) -> str:
+    """A stable id of a scan's input files (relative name, size, mtime) and of the settings that process it.
+
+    Stat-based so a rerun over 100 000 scans decides "already done" without reading the pixel data;
+    changing a file, or any setting that changes the result (task, model, steps, samples, seed,
+    format), changes the fingerprint and the scan is redone.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for file in sorted(Path(f) for f in files):
+        try:
+            rel = file.relative_to(root)
+        except ValueError:
+            rel = file
+        try:
+            st = file.stat()
+            digest.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{rel}|missing\n".encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class Manifest:
+    """In-memory manifest; ``save()`` rewrites ``OUT/manifest.json`` atomically."""
+
+    input_root: str
+    output_root: str
+    params: dict[str, Any] = field(default_factory=dict)
+    scans: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_root) / MANIFEST_NAME
+
+    @classmethod
+    def load_or_new(cls, input_root: Path, output_root: Path, params: dict[str, Any]) -> Manifest:
+        """Load OUT/manifest.json when it exists (resume), else start an empty one."""
+        path = Path(output_root) / MANIFEST_NAME
+        manifest = cls(str(input_root), str(output_root), dict(params))
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: unreadable manifest ({exc}); move it away to start over") from exc
+            if data.get("version") != MANIFEST_VERSION:
+                raise ValueError(
+                    f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}"
+                )
+            manifest.scans = dict(data.get("scans", {}))
+            manifest.params["model_identity"] = dict((data.get("params") or {}).get("model_identity") or {})
+        return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION,
+            "input_root": self.input_root,
+            "output_root": self.output_root,
+            "params": self.params,
+            "scans": self.scans,
+        }
+
+    def save(self) -> Path:
+        """Rewrite the manifest atomically (temp file in OUT, fsync, rename)."""
+        return atomic_write_text(
+            self.path, json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False)
+        )
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Store one scan's entry (replacing an earlier one with the same key)."""
+        self.scans[entry["key"]] = entry
+
+    def is_done(self, key: str, fingerprint: str) -> bool:
+        """True when ``key`` finished with this fingerprint and all its recorded outputs are still on disk."""
+        entry = self.scans.get(key)
+        if not entry or entry.get("status") != "done" or entry.get("fingerprint") != fingerprint:
+            return False
+        out = Path(self.output_root)
+        return all((out / rel).exists() for rel in entry.get("outputs", {}).values() if rel)
+
+    def counts(self) -> dict[str, int]:
+        """Number of scans per status."""
+        counts: dict[str, int] = {"done": 0, "failed": 0}
+        for entry in self.scans.values():
+            counts[entry.get("status", "failed")] = counts.get(entry.get("status", "failed"), 0) + 1
+        return counts
+
+
+def clean_stale_temporaries(output_root: Path) -> list[Path]:
+    """Remove temporary files/folders a killed batch left under OUT (names carrying the temp marker or io's
+    ``.tmp`` names); returns what was removed."""
+    removed: list[Path] = []
+    output_root = Path(output_root)
+    if not output_root.exists():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(output_root):
+        for name in list(dirnames) + filenames:
+            if _is_temporary_name(name):
+                p = Path(dirpath) / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    if name in dirnames:
+                        dirnames.remove(name)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _is_temporary_name(name: str) -> bool:
+    """Names used for in-progress writes: ours (TEMP_MARKER) and io's (``.NAME.XXXX.tmp[.nii.gz]``, ``.NAME.XXXX.old``)."""
+    if TEMP_MARKER in name:
+        return True
+    lowered = name.lower()
+    if lowered.startswith(".") and (".tmp" in lowered or lowered.endswith(".old") or "partial" in lowered):
+        return True
+    return lowered.endswith((".tmp", ".partial"))

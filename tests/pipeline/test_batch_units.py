@@ -1,0 +1,218 @@
+"""Batch machinery without the models: manifest, temp cleanup, fingerprints, naming, task choice, isolation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medidiff.io import Volume
+from medidiff.pipeline.batch import BatchUsageError, check_roots
+from medidiff.pipeline.manifest import Manifest, clean_stale_temporaries, input_fingerprint
+from medidiff.pipeline.worker import DecodeError, EnhanceSettings, IsolatedDecoder, choose_task, output_stem
+from tests.pipeline.batch_messy_folder import CrashingSource, HangingSource, SmallSource, build_messy_folder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _entry(key: str, status: str = "done", outputs: dict | None = None) -> dict:
+    return {
+        "key": key,
+        "input": key,
+        "kind": "nifti",
+        "task": "sr",
+        "status": status,
+        "fingerprint": "f",
+        "outputs": outputs or {},
+        "metrics": {},
+        "seconds": 1.0,
+        "error": None,
+    }
+
+
+def test_manifest_round_trip_and_done_needs_outputs(tmp_path):
+    out = tmp_path / "out"
+    m = Manifest.load_or_new(tmp_path / "in", out, {"samples": 2})
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "x_enhanced.nii.gz").write_bytes(b"x")
+    m.record(_entry("a/x.nii.gz", outputs={"enhanced": "a/x_enhanced.nii.gz", "dicom": None}))
+    m.record(_entry("a/y.nii.gz", status="failed"))
+    m.save()
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["version"] == 1 and set(data["scans"]) == {"a/x.nii.gz", "a/y.nii.gz"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary left after an atomic save"
+    again = Manifest.load_or_new(tmp_path / "in", out, {})
+    assert again.is_done("a/x.nii.gz", "f") and not again.is_done("a/x.nii.gz", "other-fingerprint")
+    assert not again.is_done("a/y.nii.gz", "f")
+    (out / "a" / "x_enhanced.nii.gz").unlink()
+    assert not again.is_done("a/x.nii.gz", "f"), "a done scan whose output vanished is redone"
+
+
+def test_stale_temporaries_are_removed_and_outputs_kept(tmp_path):
+    (tmp_path / "s").mkdir()
+    keep = [tmp_path / "s" / "scan_enhanced.nii.gz", tmp_path / "manifest.json", tmp_path / "s" / "IM1.dcm"]
+    stale = [
+        tmp_path / "s" / ".scan_enhanced.nii.gz.k2j3.tmp.nii.gz",
+        tmp_path / ".medidiff-tmp-12-manifest.json",
+    ]
+    for p in keep + stale:
+        p.write_bytes(b"1")
+    stale_dir = tmp_path / "s" / ".scan_enhanced_dicom.ab12.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "IM00001.dcm").write_bytes(b"1")
+    removed = clean_stale_temporaries(tmp_path)
+    assert set(removed) == set(stale) | {stale_dir}
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale + [stale_dir])
+
+
+def test_fingerprint_tracks_content_stat_and_settings(tmp_path):
+    f = tmp_path / "scan.nii.gz"
+    f.write_bytes(b"abc")
+    params = EnhanceSettings(samples=2).fingerprint_params()
+    first = input_fingerprint([f], tmp_path, params)
+    assert first == input_fingerprint([f], tmp_path, params)
+    assert first != input_fingerprint([f], tmp_path, EnhanceSettings(samples=3).fingerprint_params())
+    f.write_bytes(b"abcd")
+    assert first != input_fingerprint([f], tmp_path, params)
+
+
+def test_output_stems_come_from_the_key():
+    assert output_stem("site/exam/series0003-b4004067") == "series0003-b4004067"
+    assert output_stem("nifti/brain.nii.gz") == "brain"
+    assert output_stem("nifti/dwi.nii.gz-vol2") == "dwi-vol2"
+    assert output_stem("k/knee file (1).h5") == "knee_file_1"
+
+
+def test_task_choice_follows_geometry_and_kind():
+    from medidiff.io import KSpaceData
+
+    iso = Volume(np.zeros((8, 8, 4)), np.diag([1.0, 1.0, 1.0, 1.0]))
+    thick = Volume(np.zeros((8, 8, 4)), np.diag([1.0, 1.0, 2.0, 1.0]))
+    almost = Volume(np.zeros((8, 8, 4)), np.diag([1.0, 1.0, 1.9, 1.0]))
+    k = KSpaceData(kspace=np.zeros((2, 8, 8), np.complex64), mask=None, affine=np.eye(4))
+    assert choose_task(iso, "auto") == "sr"
+    assert choose_task(thick, "auto") == "sr_thick"
+    assert choose_task(almost, "auto") == "sr"
+    low_res_slice = Volume(np.zeros((8, 8, 1)), np.diag([2.0, 2.0, 1.0, 1.0]))  # in-plane LR, one slice
+    assert choose_task(low_res_slice, "auto") == "sr"
+    assert choose_task(Volume(np.zeros((8, 8, 3)), np.diag([1.0, 0.5, 2.0, 1.0])), "auto") == "sr_thick"
+    assert choose_task(Volume(np.zeros((8, 8, 3)), np.diag([1.0, 1.5, 2.0, 1.0])), "auto") == "sr"
+    assert choose_task(k, "auto") == "recon"
+    assert choose_task(thick, "sr") == "sr"
+    with pytest.raises(ValueError, match="k-space"):
+        choose_task(iso, "recon")
+
+
+def test_isolated_decoder_survives_a_crash_and_a_hang(monkeypatch):
+    monkeypatch.chdir(REPO)  # the child imports the test sources from the repository root
+    decoder = IsolatedDecoder(timeout_s=20)
+    try:
+        assert decoder.load(SmallSource()).shape == (2, 3, 4)
+        with pytest.raises(DecodeError, match="crashed"):
+            decoder.load(CrashingSource())
+        assert decoder.load(SmallSource()).array.sum() == pytest.approx(276.0), "a new child after the crash"
+        decoder.timeout_s = 3
+        t0 = time.monotonic()
+        with pytest.raises(DecodeError, match="did not finish"):
+            decoder.load(HangingSource())
+        assert time.monotonic() - t0 < 15
+        assert decoder.load(SmallSource()).shape == (2, 3, 4)
+    finally:
+        decoder.close()
+
+
+def test_out_inside_in_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(BatchUsageError, match="inside"):
+        check_roots(tmp_path / "in", tmp_path / "in" / "out")
+    with pytest.raises(BatchUsageError, match="inside"):
+        check_roots(tmp_path / "in", tmp_path / "in")
+    with pytest.raises(BatchUsageError, match="does not exist"):
+        check_roots(tmp_path / "missing", tmp_path / "out")
+
+
+def _medidiff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        check=False,
+        args=[sys.executable, "-m", "medidiff", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_cli_usage_errors_exit_2_and_write_nothing(tmp_path):
+    src = build_messy_folder(tmp_path / "IN", broken=False)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    proc = _medidiff("enhance", str(src), "--out", str(src / "out"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "inside" in proc.stderr
+    proc = _medidiff("enhance", str(src), "--out", str(tmp_path / "o"), "--task", "nonsense", cwd=tmp_path)
+    assert proc.returncode == 2 and "task" in proc.stderr
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_dry_run_lists_the_plan_and_writes_nothing(tmp_path):
+    src = build_messy_folder(tmp_path / "IN")
+    proc = _medidiff("enhance", str(src), "--out", str(tmp_path / "OUT"), "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for key in (
+        "nifti/brain.nii.gz",
+        "nifti/thick.nii.gz",
+        "kspace/knee.h5",
+        "broken/truncated.dcm",
+        "site-a/exam-1/series0003-",
+    ):
+        assert key in text
+    assert "8 to run" in text.replace("\n", " ")
+    assert not (tmp_path / "OUT").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_plan_skips_done_scans_unless_forced(tmp_path):
+    from medidiff.pipeline.batch import plan
+    from medidiff.pipeline.worker import output_paths
+
+    src = build_messy_folder(tmp_path / "IN")
+    out = tmp_path / "OUT"
+    settings = EnhanceSettings(samples=2)
+    manifest = Manifest.load_or_new(src, out, {})
+    items = list(plan(src.resolve(), manifest, settings))
+    assert [i.action for i in items] == ["run"] * 8
+    assert len({(i.job.out_dir_rel, i.job.stem) for i in items}) == 8, "every scan gets its own output names"
+    brain = next(i.job for i in items if i.job.key == "nifti/brain.nii.gz")
+    outputs = output_paths(brain, settings)
+    assert (
+        outputs["uncertainty"] == "nifti/brain_uncertainty.nii.gz"
+        and outputs["dicom"] == "nifti/brain_enhanced_dicom"
+    )
+    for rel in filter(None, outputs.values()):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"x")
+    manifest.record({**_entry(brain.key, outputs=outputs), "fingerprint": brain.fingerprint})
+    actions = {i.job.key: i.action for i in plan(src.resolve(), manifest, settings)}
+    assert actions["nifti/brain.nii.gz"] == "skip" and list(actions.values()).count("run") == 7
+    assert all(i.action == "run" for i in plan(src.resolve(), manifest, settings, force=True))
+    other = EnhanceSettings(samples=3)
+    assert {i.job.key: i.action for i in plan(src.resolve(), manifest, other)}["nifti/brain.nii.gz"] == "run"
+
+
+def test_one_batch_at_a_time_per_output_folder(tmp_path):
+    from medidiff.pipeline.batch import _lock_output
+
+    first = _lock_output(tmp_path)
+    try:
+        with pytest.raises(BatchUsageError, match="another medidiff enhance"):
+            _lock_output(tmp_path)
+    finally:
+        os.close(first)
+    os.close(_lock_output(tmp_path))  # released: the next batch may start
