@@ -1,0 +1,110 @@
+"""The noise process: MONAI schedulers built from a recipe, parameterisation conversions and the training loss.
+
+The network always sees ``[x_t, conditioning]`` (channel concatenation) and outputs the recipe's
+``prediction_type``. Sampling converts that output to x̂0, applies data consistency, and converts back, so
+every scheduler step sees a consistent prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medidiff.diffusion.config import DiffusionConfig, Recipe
+
+Tensor = torch.Tensor
+
+
+def make_scheduler(cfg: DiffusionConfig):
+    """DDPM / DDIM / RFlow scheduler from MONAI, with ``clip_sample`` off (MRI intensities are not in [-1, 1])."""
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+    if cfg.scheduler == "rflow":
+        return RFlowScheduler(num_train_timesteps=cfg.train_timesteps, use_discrete_timesteps=True,
+                              sample_method="uniform", use_timestep_transform=False)
+    schedule = cfg.schedule
+    if cfg.scheduler == "ddim":
+        return DDIMScheduler(num_train_timesteps=cfg.train_timesteps, schedule=schedule, clip_sample=False,
+                             prediction_type=cfg.prediction_type, set_alpha_to_one=True)
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, schedule=schedule, clip_sample=False,
+                         prediction_type=cfg.prediction_type)
+
+
+def is_rflow(scheduler) -> bool:
+    """True for MONAI's rectified-flow scheduler (x_t = (1 - t/T) x0 + t/T noise, v = x0 - noise)."""
+    return type(scheduler).__name__ == "RFlowScheduler"
+
+
+def _ab(scheduler, t: Tensor, like: Tensor) -> Tensor:
+    """alpha-bar at timesteps ``t`` shaped to broadcast against ``like``."""
+    ab = scheduler.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+    return ab.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def _s(scheduler, t: Tensor, like: Tensor) -> Tensor:
+    """RFlow time in [0, 1] shaped to broadcast against ``like``."""
+    s = t.to(like.device, torch.float32) / scheduler.num_train_timesteps
+    return s.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def to_x0(scheduler, prediction_type: str, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """The network's output converted to a prediction of the clean sample x̂0."""
+    if prediction_type == "sample":
+        return output
+    if is_rflow(scheduler):  # v = x0 - noise, x_t = x0 - s v
+        return x_t + _s(scheduler, t, x_t) * output
+    ab = _ab(scheduler, t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - ab).sqrt() * output) / ab.sqrt()
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * output  # v_prediction
+
+
+def from_x0(scheduler, prediction_type: str, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """The output the scheduler expects, given a (data-consistent) x̂0 (inverse of :func:`to_x0`)."""
+    if is_rflow(scheduler):  # the RFlow scheduler always steps with a velocity
+        return (x0 - x_t) / _s(scheduler, t, x_t).clamp_min(1e-6)
+    if prediction_type == "sample":
+        return x0
+    ab = _ab(scheduler, t, x_t)
+    eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt().clamp_min(1e-8)
+    if prediction_type == "epsilon":
+        return eps
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def training_target(scheduler, prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the network should output for this prediction type."""
+    if prediction_type == "sample":
+        return x0
+    if is_rflow(scheduler):
+        return x0 - noise
+    if prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(x0, noise, t)
+
+
+def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler, cond: Tensor, x0: Tensor,
+                   generator: torch.Generator) -> Tensor:
+    """MSE of the network's prediction at a random noise level; ``x0`` is the clean target in channel form."""
+    d = recipe.diffusion
+    t_max = max(1, round(d.train_t_max * d.train_timesteps))
+    t = torch.randint(0, t_max, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = scheduler.add_noise(x0, noise, t)
+    output = net(torch.cat([x_t, cond], dim=1), t)
+    target = training_target(scheduler, d.prediction_type, x0, noise, t)
+    return torch.nn.functional.mse_loss(output.float(), target.float())
+
+
+def sampling_timesteps(scheduler, steps: int, strength: float, device: torch.device | str = "cpu") -> Tensor:
+    """``set_timesteps`` for the whole chain, keeping the last ``steps`` (start at ``strength * T``).
+
+    DDPM/DDIM timesteps are evenly spaced by ``T // n`` so that the scheduler's own ``prev_timestep``
+    arithmetic lands exactly on the next timestep of the loop.
+    """
+    n_total = max(steps, round(steps / strength))
+    n_total = min(n_total, scheduler.num_train_timesteps)
+    scheduler.set_timesteps(n_total, device=device)
+    if not is_rflow(scheduler):
+        ratio = scheduler.num_train_timesteps // n_total
+        scheduler.timesteps = (torch.arange(n_total - 1, -1, -1, device=device) * ratio).long()
+    return scheduler.timesteps[-steps:]

@@ -1,0 +1,308 @@
+"""The training loop: AdamW, bf16 autocast on CUDA, EMA, gradient clipping, validation, checkpoints, MLflow, DDP.
+
+Run it with ``medidiff train`` (or under ``torchrun`` for several processes: gloo on CPU, NCCL on GPUs).
+Layout of ``OUT``: ``checkpoint/`` (EMA weights + ``train_state.safetensors`` with the raw weights, optimiser
+and RNG state, for ``--resume``) and ``model/`` (the deployable EMA model: safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medidiff.diffusion.config import Recipe, recipe_from_dict
+from medidiff.diffusion.pairs import PatchSampler, fingerprint, training_pairs, validation_pairs
+from medidiff.diffusion.process import diffusion_loss, make_scheduler
+from medidiff.diffusion.sampling import sample
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    out_dir: Path
+    model_dir: Path
+    step: int
+    run_id: str | None
+    seconds: float
+    val: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _dist_setup(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimiser state as flat tensors (for safetensors) plus the JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _panel(a: np.ndarray, vmax: float) -> np.ndarray:
+    return np.clip(np.abs(a) / (vmax if vmax > 0 else 1.0), 0, 1)
+
+
+@torch.no_grad()
+def validate(net: torch.nn.Module, recipe: Recipe, pairs: list, device: torch.device,
+             steps: int, seed: int) -> tuple[dict[str, float], np.ndarray | None]:
+    """Model vs degraded baseline on held-out slices (few DDIM steps, DC on); returns metrics and a grid image."""
+    from medidiff.diffusion.pairs import task_operator
+    from medidiff.evaluation.metrics import all_metrics
+
+    net.eval()
+    rows: list[dict[str, float]] = []
+    grid = None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for i, q in enumerate(pairs):
+        op = task_operator(recipe.task, tuple(q.base.shape[-2:]), mask=q.mask)
+        k = 2 if i == 0 else 1
+        ctx = None if q.context is None else q.context[None]
+        out = sample(net, recipe, op, q.y[None], context=ctx, steps=steps, samples=k, generator=gen)
+        ref = q.target.abs().numpy() if q.target.is_complex() else q.target.numpy()
+        pred = out.mean[0].abs().cpu().numpy()
+        base = q.base.abs().numpy()
+        m, b = all_metrics(ref, pred), all_metrics(ref, base)
+        rows.append({**m, **{f"{k_}_baseline": v for k_, v in b.items()}})
+        if i == 0:
+            vmax = float(ref.max())
+            unc = out.std[0].cpu().numpy() if out.std is not None else np.zeros_like(ref)
+            grid = np.concatenate([_panel(base, vmax), _panel(pred, vmax), _panel(ref, vmax),
+                                   _panel(5 * (pred - ref), vmax), _panel(5 * unc, vmax)], axis=1)
+    net.train()
+    metrics = {f"val/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+    if rows:
+        metrics["val/psnr_gain"] = metrics["val/psnr"] - metrics["val/psnr_baseline"]
+    return metrics, grid
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a model from a recipe into ``out_dir``; see the module docstring for the layout."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from medidiff import __version__
+    from medidiff.models import build_model, save_checkpoint
+    from medidiff.tracking import tracking_run
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    tr = recipe.train
+    dev = resolve_device(device or tr.device)
+    rank, world = _dist_setup(dev)
+    main = rank == 0
+    total_steps = int(max_steps or tr.steps)
+    batch_size = tr.batch_size_gpu if dev.type == "cuda" else tr.batch_size
+    use_amp = tr.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(tr.seed)
+        net = build_model(recipe)
+    net = net.to(dev)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay))
+    opt = torch.optim.AdamW(net.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    data_gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + rank)
+    noise_gen = torch.Generator(device=dev).manual_seed(tr.seed * 7_919 + 17 + rank)
+    step, run_id = 0, None
+
+    ckpt_dir = out_dir / "checkpoint"
+    if resume:
+        if not (ckpt_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{ckpt_dir}: nothing to resume (no checkpoint/config.json)")
+        from safetensors.torch import load_file
+
+        cfg = json.loads((ckpt_dir / "config.json").read_text())
+        saved = recipe_from_dict(cfg["recipe"], str(ckpt_dir / "config.json"))
+        if saved.to_dict() != recipe.to_dict():
+            warnings.warn(f"{ckpt_dir}: the recipe differs from the one the checkpoint was trained with; "
+                          "resuming with the checkpoint's recipe", stacklevel=2)
+            recipe = saved
+        state = load_file(str(ckpt_dir / "train_state.safetensors"), device="cpu")
+        net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+        ema.load_state_dict({k[len("ema."):]: v.to(dev) for k, v in state.items() if k.startswith("ema.")})
+        _load_optimizer(opt, {k: v.to(dev) for k, v in state.items()}, cfg["optimizer"])
+        data_gen.set_state(state[f"rng.data.{rank}"] if f"rng.data.{rank}" in state else state["rng.data.0"])
+        try:  # fails only when resuming on another device type than the checkpoint was written on
+            noise_gen.set_state(state[f"rng.noise.{rank}"] if f"rng.noise.{rank}" in state else state["rng.noise.0"])
+        except RuntimeError:
+            warnings.warn(f"{ckpt_dir}: noise RNG state is from another device type; reseeded", stacklevel=2)
+        step, run_id = int(cfg["step"]), cfg.get("run_id")
+
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    pairs = training_pairs(recipe)
+    sampler = PatchSampler(recipe, pairs)
+    data_fp = fingerprint(recipe, pairs)
+    val_pairs = validation_pairs(recipe) if main else []
+    scheduler = make_scheduler(recipe.diffusion)
+    if dev.type == "cuda":
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dev)
+
+    def rng_states() -> dict[str, Tensor]:
+        """Every rank's generator states (collective under DDP: all ranks must call it)."""
+        mine = (data_gen.get_state(), noise_gen.get_state().cpu())
+        if world == 1:
+            states = [mine]
+        else:
+            import torch.distributed as dist
+
+            states = [None] * world
+            dist.all_gather_object(states, mine)
+        out = {}
+        for r, (d_state, n_state) in enumerate(states):
+            out[f"rng.data.{r}"], out[f"rng.noise.{r}"] = d_state, n_state
+        return out
+
+    def save(directory: Path, val_metrics: dict[str, float], with_state: bool,
+             rngs: dict[str, Tensor] | None = None) -> None:
+        extra: dict[str, Any] = {"step": step, "data_fingerprint": data_fp, "val": val_metrics,
+                                 "world_size": world, "device": dev.type, "run_id": tracker.run_id,
+                                 "train_seconds": round(time.perf_counter() - t0, 1)}
+        if with_state:
+            tensors, groups = _optimizer_tensors(opt)
+            tensors.update({f"net.{k}": v for k, v in net.state_dict().items()})
+            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            tensors.update(rngs or rng_states())
+            extra.update(tensors=tensors, optimizer=groups)
+        save_checkpoint(directory, ema.module, recipe, **extra)
+
+    params = {**recipe.to_dict(), "runtime": {"device": dev.type, "world_size": world, "batch_size": batch_size,
+                                              "bf16_autocast": use_amp, "total_steps": total_steps,
+                                              "package_version": __version__, "data_fingerprint": data_fp,
+                                              "train_slices": len(pairs),
+                                              "parameters": sum(p.numel() for p in net.parameters())}}
+    from contextlib import nullcontext
+
+    ctx = tracking_run("train", run_name=recipe.name, tracking_uri=tracking_uri, params=params,
+                       resume_run_id=run_id) if main else nullcontext(None)
+    val_metrics: dict[str, float] = {}
+    with ctx as tracker_or_none:
+        from medidiff.tracking import Tracker
+
+        tracker = tracker_or_none or Tracker()
+        progress = None
+        if main and show_progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            progress = Progress(TextColumn("[bold]train {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+            progress.start()
+            bar = progress.add_task("train", total=total_steps, completed=step, name=recipe.name, loss="-")
+        net.train()
+        losses: list[float] = []
+        try:
+            while step < total_steps:
+                for group in opt.param_groups:
+                    group["lr"] = tr.lr * min(1.0, (step + 1) / max(1, tr.warmup_steps))
+                cond, x0 = sampler.batch(batch_size, data_gen)
+                cond, x0 = cond.to(dev, non_blocking=True), x0.to(dev, non_blocking=True)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = diffusion_loss(model, recipe, scheduler, cond, x0, noise_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tr.grad_clip)
+                opt.step()
+                ema.update_parameters(net)
+                step += 1
+                losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower train.lr")
+                if main and (step % tr.log_every == 0 or step == total_steps):
+                    tracker.log_metrics({"train/loss": float(np.mean(losses[-tr.log_every:])),
+                                         "train/grad_norm": float(grad_norm), "train/lr": opt.param_groups[0]["lr"]},
+                                        step=step)
+                if progress is not None:
+                    progress.update(bar, completed=step, loss=f"{np.mean(losses[-tr.log_every:]):.4f}")
+                out_of_time = tr.max_minutes > 0 and (time.perf_counter() - t0) > 60 * tr.max_minutes
+                if world > 1 and tr.max_minutes > 0:  # all ranks must stop together
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([float(out_of_time)], device=dev)
+                    dist.all_reduce(flag)
+                    out_of_time = bool(flag.item() > 0)
+                last = step == total_steps or out_of_time
+                if main and (step % tr.val_every == 0 or last) and val_pairs:
+                    val_metrics, grid = validate(ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed)
+                    tracker.log_metrics(val_metrics, step=step)
+                    if grid is not None:
+                        tracker.log_image(grid, f"samples/step_{step:06d}.png")
+                if step % tr.ckpt_every == 0 or last:
+                    rngs = rng_states()
+                    if main:
+                        save(ckpt_dir, val_metrics, with_state=True, rngs=rngs)
+                if world > 1:
+                    import torch.distributed as dist
+
+                    dist.barrier()
+                if out_of_time:
+                    break
+        finally:
+            if progress is not None:
+                progress.stop()
+        model_dir = out_dir / "model"
+        if main:
+            save(model_dir, val_metrics, with_state=False)
+            tracker.log_metrics({"train/seconds": time.perf_counter() - t0}, step=step)
+            tracker.log_artifact(model_dir, "model")
+            if tr.register_as:
+                tracker.register_model("model", tr.register_as)
+        run = tracker.run_id
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(out_dir=out_dir, model_dir=model_dir, step=step, run_id=run,
+                       seconds=time.perf_counter() - t0, val=val_metrics)

@@ -1,0 +1,318 @@
+"""Enhance one scan: super-resolution of a Volume or reconstruction of undersampled k-space.
+
+The volume is processed in batches of 2D slices (bounded memory). Each batch is sampled with the model's
+few-step sampler and data consistency with the same operator that describes the input's degradation.
+
+Do no harm (on by default, ``self_check=False`` turns it off): for super-resolution the scan checks the
+model on itself before trusting it. The input is degraded once more with the same operator, enhanced, and
+compared with the input (which is the truth for that pair). The least-squares weight ``w`` in [0, 1] of the
+model's residual over the back-projection (``baseline + w (model - baseline)``) is estimated there and used
+for the real enhancement; where the model would not help, ``w`` is 0 and the output is the sinc/interpolated
+baseline. Blends of data-consistent images stay data-consistent. Reconstruction keeps every measured k-space
+sample exactly (hard data consistency), so it can only change what was not measured.
+
+Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i`` (``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the
+in-plane axes);
+through-plane SR places LR slice ``i`` at the centre of HR slices ``f i .. f i + f - 1`` (HR index
+``f i + (f - 1) / 2``), exactly as ``medidiff.physics`` simulates them, so ``enhance(simulate(x))`` lands on x's grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medidiff.diffusion.pairs import neighbour_index, robust_scale, task_operator
+from medidiff.diffusion.sampling import sample, to_channels
+from medidiff.io import Volume
+from medidiff.physics.simulate import hr_affine
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class EnhanceResult:
+    """The enhanced scan and what a reviewer needs to judge it (all Volumes on the output grid)."""
+
+    enhanced: Volume
+    uncertainty: Volume | None
+    residual: Volume
+    baseline: Volume
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_model(model, task: str):
+    from medidiff.models import LoadedModel, default_model, load_model
+
+    if model is None:
+        return default_model(task)
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model)
+
+
+def inplane_slice_axis(vol: Volume) -> int:
+    """Slice axis of an in-plane SR input: the simulation's record, else the axis whose spacing stands out.
+
+    After in-plane SR simulation of an isotropic scan the LR spacing is (2, 2, 1): the slice axis is the odd
+    one out, not the largest. Ties (isotropic input) give axis 2.
+    """
+    sim = vol.meta.get("simulation") or {}
+    if sim.get("task") == "sr" and sim.get("axis") == "inplane" and len(sim.get("axes", [])) == 2:
+        return int(({0, 1, 2} - set(sim["axes"])).pop())
+    sp = np.asarray(vol.spacing)
+    odd = [abs(sp[a] - np.mean([sp[b] for b in range(3) if b != a])) for a in range(3)]
+    best = max(odd)
+    return 2 if best < 1e-3 * sp.max() else int([a for a in range(3) if np.isclose(odd[a], best)][-1])
+
+
+class _Runner:
+    """Samples batches of slices (B, h, w) of measurements with one model, generator and settings."""
+
+    def __init__(self, loaded, steps: int | None, samples: int, seed: int) -> None:
+        self.loaded, self.recipe, self.net = loaded, loaded.recipe, loaded.net
+        self.steps = steps or self.recipe.diffusion.steps
+        self.samples = samples
+        self.device = next(self.net.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.network_evals = 0
+
+    def run(self, op, y: torch.Tensor, stack_y: torch.Tensor | None = None, index: list[int] | None = None,
+            samples: int | None = None):
+        """Sample for measurements ``y``; ``stack_y``/``index`` give neighbours for 2.5D models."""
+        n = self.recipe.model.neighbours
+        ctx = None
+        if n and stack_y is not None and index is not None:
+            parts = []
+            for s in index:
+                nb = neighbour_index(len(stack_y), s, n)
+                parts.append(torch.cat([to_channels(op.pinv(stack_y[j][None]), self.recipe.complex_images)[0]
+                                        for j in nb]))
+            ctx = torch.stack(parts)
+        elif n:
+            base = op.pinv(y)
+            ctx = torch.cat([to_channels(base, self.recipe.complex_images)] * (2 * n), dim=1)
+        out = sample(self.net, self.recipe, op, y, context=ctx, steps=self.steps,
+                     samples=samples or self.samples, generator=self.generator)
+        self.network_evals = out.network_evals
+        return out
+
+
+def _residual_weight(runner: _Runner, op, refs: torch.Tensor) -> tuple[float, float]:
+    """Self-check: degrade ``refs`` (B, H, W) with ``op``, enhance, fit the weight of the model's residual.
+
+    Returns ``(w, gain_db)``: the least-squares weight in [0, 1] and the PSNR gain it gives over the baseline.
+    """
+    y2 = op.A(refs)
+    base2 = op.pinv(y2)
+    pred = runner.run(op, y2, samples=1).mean
+    r, e = (pred - base2).double(), (refs - base2).double()
+    rr = float((r * r).sum())
+    w = float(np.clip(float((r * e).sum()) / rr, 0.0, 1.0)) if rr > 0 else 0.0
+    err0 = float((e * e).sum())
+    err1 = float(((e - w * r) ** 2).sum())
+    gain = 10 * np.log10(err0 / err1) if err1 > 0 and err0 > 0 else 0.0
+    if gain < 0.05:  # not worth the risk on this scan
+        w, gain = 0.0, 0.0
+    return w, float(gain)
+
+
+def _check_slices(stack: np.ndarray, count: int) -> np.ndarray:
+    """Indices of up to ``count`` slices with the most signal (spread over the volume)."""
+    energy = np.abs(stack).reshape(len(stack), -1).mean(axis=1)
+    keep = np.flatnonzero(energy > 0.5 * energy.max())
+    if len(keep) <= count:
+        return keep
+    return keep[np.linspace(0, len(keep) - 1, count).round().astype(int)]
+
+
+def enhance_volume(
+    vol: Volume,
+    *,
+    task: str = "sr",
+    model=None,
+    factor: int | None = None,
+    steps: int | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    batch_slices: int | None = None,
+    progress: Progress | None = None,
+    self_check: bool | None = None,
+) -> EnhanceResult:
+    """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis)."""
+    if task not in ("sr", "sr_thick"):
+        raise ValueError(f"enhance_volume does super-resolution (task 'sr' or 'sr_thick'), got {task!r}; "
+                         "use enhance_kspace for reconstruction")
+    t0 = time.perf_counter()
+    loaded = _resolve_model(model, task)
+    recipe = loaded.recipe
+    if recipe.task.kind != task:
+        raise ValueError(f"model {loaded.name!r} was trained for task {recipe.task.kind!r}, not {task!r}")
+    f = recipe.task.factor
+    if factor is not None and int(factor) != f:
+        raise ValueError(f"model {loaded.name!r} does factor {f}, not {factor}; train or pick a model for x{factor}")
+    batch = int(batch_slices or recipe.enhance.batch_slices)
+    check = recipe.enhance.self_check if self_check is None else self_check
+    op = task_operator(recipe.task)
+    runner = _Runner(loaded, steps, samples, seed)
+
+    arr = np.asarray(vol.array, np.float32)
+    if task == "sr":  # in-plane images, slices along the slice axis
+        axis = inplane_slice_axis(vol)
+        other = [a for a in range(3) if a != axis]
+        stack = np.transpose(arr, (axis, other[0], other[1]))
+        out_affine = hr_affine(vol.affine, f, other)
+    else:  # thick axis last in the image: images (Q, Zlr) for each P
+        axis = vol.slice_axis
+        other = [a for a in range(3) if a != axis]
+        stack = np.transpose(arr, (other[0], other[1], axis))
+        out_affine = hr_affine(vol.affine, f, (axis,), centred=True)
+    scale = robust_scale(stack)
+    stack_t = torch.from_numpy(np.ascontiguousarray(stack)) / scale
+
+    weight, gain = 1.0, float("nan")
+    if check:
+        if task == "sr":
+            idx = _check_slices(stack, recipe.enhance.self_check_slices)
+            refs = stack_t[idx]
+            h, w = refs.shape[-2:]
+            refs = refs[..., : h - h % f, : w - w % f]
+        else:  # SMORE: the sharp in-plane direction stands in for the thick one
+            inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
+            idx = _check_slices(inplane, recipe.enhance.self_check_slices)
+            refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
+            refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+        if refs.shape[-1] >= 2 * f and refs.shape[-2] >= 2:
+            weight, gain = _residual_weight(runner, op, refs)
+
+    n = len(stack_t)
+    enhanced = baseline = residual = uncertainty = None
+    dc_num = dc_den = 0.0
+    for start in range(0, n, batch):
+        index = list(range(start, min(n, start + batch)))
+        y = stack_t[index]
+        res = runner.run(op, y, stack_y=stack_t, index=index)
+        base = op.pinv(y)
+        img = base + weight * (res.mean - base)
+        dc_res = y - op.A(img)
+        dc_num += float((dc_res.double() ** 2).sum())
+        dc_den += float((y.double() ** 2).sum())
+        if enhanced is None:
+            shp = (n, *img.shape[1:])
+            enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))
+            uncertainty = np.empty(shp, np.float32) if samples > 1 else None
+        enhanced[index] = img.cpu().numpy() * scale
+        baseline[index] = base.cpu().numpy() * scale
+        residual[index] = op.pinv(dc_res).cpu().numpy() * scale
+        if uncertainty is not None and res.std is not None:
+            uncertainty[index] = weight * res.std.cpu().numpy() * scale
+        if progress is not None:
+            progress(index[-1] + 1, n)
+
+    def back(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        order = (axis, other[0], other[1]) if task == "sr" else (other[0], other[1], axis)
+        return np.transpose(a, np.argsort(order))
+
+    meta = {"description": f"medidiff {task} x{f}", "derived_by": f"medidiff {loaded.name}"}
+    metrics = {
+        "dc_residual_rel": float(np.sqrt(dc_num / dc_den)) if dc_den > 0 else 0.0,
+        "mean_uncertainty": float(uncertainty.mean()) if uncertainty is not None else 0.0,
+        "network_evals": float(runner.steps),
+        "samples": float(samples),
+        "residual_weight": float(weight),
+        "self_check_gain_db": gain,
+        "seconds": time.perf_counter() - t0,
+    }
+    unc = back(uncertainty)
+    return EnhanceResult(
+        enhanced=vol.with_array(back(enhanced), out_affine, **meta),
+        uncertainty=None if unc is None else vol.with_array(unc, out_affine, description="medidiff uncertainty (std)"),
+        residual=vol.with_array(back(residual), out_affine, description="medidiff data-consistency residual"),
+        baseline=vol.with_array(back(baseline), out_affine, description="operator back-projection (before)"),
+        metrics=metrics,
+    )
+
+
+def _kspace_mask(data) -> np.ndarray:
+    """The sampling mask (H, W): the file's, else where any k-space sample is non-zero."""
+    h, w = data.kspace.shape[-2:]
+    if data.mask is not None:
+        return np.broadcast_to(np.asarray(data.mask, np.float32), (h, w)).astype(np.float32)
+    nz = np.abs(data.kspace).reshape(-1, h, w).sum(axis=0) > 0
+    return nz.astype(np.float32)
+
+
+def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int = 1, seed: int = 0,
+                   progress: Progress | None = None, batch_slices: int | None = None) -> EnhanceResult:
+    """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S)."""
+    from medidiff.physics.fft import ifft2c
+    from medidiff.physics.operators import FourierUndersampling
+
+    t0 = time.perf_counter()
+    loaded = _resolve_model(model, "recon")
+    recipe = loaded.recipe
+    if recipe.task.kind != "recon":
+        raise ValueError(f"model {loaded.name!r} was trained for task {recipe.task.kind!r}, not 'recon'")
+    mask = _kspace_mask(data)
+    k = torch.from_numpy(np.asarray(data.kspace, np.complex64))
+    multicoil = k.ndim == 4
+    runner = _Runner(loaded, steps, samples, seed)
+    batch = 1 if multicoil else int(batch_slices or recipe.enhance.batch_slices)
+
+    def operator_for(s: int):
+        if not multicoil:
+            return FourierUndersampling(mask)
+        from medidiff.physics.coils import espirit_maps
+
+        return FourierUndersampling(mask, sens_maps=espirit_maps(data.kspace[s]))
+
+    zero_filled = ifft2c(k)
+    zf_mag = zero_filled.abs().pow(2).sum(1).sqrt() if multicoil else zero_filled.abs()
+    scale = robust_scale(zf_mag)
+    n = k.shape[0]
+    shp = (n, *k.shape[-2:])
+    enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))
+    uncertainty = np.empty(shp, np.float32) if samples > 1 else None
+    dc_num = dc_den = 0.0
+    for start in range(0, n, batch):
+        index = list(range(start, min(n, start + batch)))
+        op = operator_for(index[0])
+        y = k[index] / scale
+        res = runner.run(op, y, stack_y=k / scale, index=index)
+        dc_res = y - op.A(res.mean)
+        dc_num += float((dc_res.abs().double() ** 2).sum())
+        dc_den += float((y.abs().double() ** 2).sum())
+        enhanced[index] = res.mean.abs().cpu().numpy() * scale
+        baseline[index] = op.pinv(y).abs().cpu().numpy() * scale
+        residual[index] = op.A_adjoint(dc_res).abs().cpu().numpy() * scale
+        if uncertainty is not None and res.std is not None:
+            uncertainty[index] = res.std.cpu().numpy() * scale
+        if progress is not None:
+            progress(index[-1] + 1, n)
+
+    ref = data.image()
+
+    def vol(a: np.ndarray, description: str) -> Volume:
+        return ref.with_array(np.moveaxis(a, 0, -1), data.affine, description=description)
+
+    metrics = {
+        "dc_residual_rel": float(np.sqrt(dc_num / dc_den)) if dc_den > 0 else 0.0,
+        "mean_uncertainty": float(uncertainty.mean()) if uncertainty is not None else 0.0,
+        "network_evals": float(runner.steps),
+        "samples": float(samples),
+        "acceleration": float(mask.size / max(mask.sum(), 1.0)),
+        "seconds": time.perf_counter() - t0,
+    }
+    return EnhanceResult(
+        enhanced=vol(enhanced, f"medidiff recon ({loaded.name})"),
+        uncertainty=None if uncertainty is None else vol(uncertainty, "medidiff uncertainty (std)"),
+        residual=vol(residual, "medidiff data-consistency residual"),
+        baseline=vol(baseline, "zero-filled (before)"),
+        metrics=metrics,
+    )

@@ -1,0 +1,64 @@
+"""Recipes load from YAML and fail with messages that name the file, the key and the problem."""
+
+from pathlib import Path
+
+import pytest
+
+from medidiff.diffusion.config import RecipeError, load_recipe, with_overrides
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+@pytest.mark.parametrize("name", ["smoke", "sr_x2", "sr_thick", "recon_4x"])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(PIPELINES / f"{name}.yaml")
+    assert recipe.diffusion.steps <= 10  # issue 5: at most 10 network evaluations at default settings
+    assert recipe.data.patch_size % recipe.size_multiple == 0
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_named(tmp_path):
+    p = _write(tmp_path, "task: {kind: sr, facter: 2}\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: unknown key 'task\.facter'"):
+        load_recipe(p)
+
+
+def test_wrong_type_named(tmp_path):
+    p = _write(tmp_path, "train: {steps: many}\n")
+    with pytest.raises(RecipeError, match=r"train\.steps must be an integer, got 'many'"):
+        load_recipe(p)
+
+
+def test_bad_choice_named(tmp_path):
+    p = _write(tmp_path, "diffusion: {scheduler: euler}\n")
+    with pytest.raises(RecipeError, match=r"diffusion\.scheduler must be one of \['ddpm', 'ddim', 'rflow'\]"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("diffusion: {scheduler: rflow, prediction_type: epsilon}\n", "rflow.*epsilon"),
+        ("diffusion: {dc: prox}\n", "prox.*noise_sigma"),
+        ("data: {patch_size: 60}\n", "patch_size 60 must be a multiple of 8"),
+        ("diffusion: {strength: 0.8, train_t_max: 0.5}\n", "never saw"),
+        ("task: {kind: sr, factor: 1}\n", "factor must be >= 2"),
+    ],
+)
+def test_impossible_combinations(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_missing_file_and_overrides(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    recipe = load_recipe(PIPELINES / "smoke.yaml")
+    assert with_overrides(recipe, train={"steps": 3}).train.steps == 3
+    with pytest.raises(RecipeError):
+        with_overrides(recipe, train={"steps": 0})
