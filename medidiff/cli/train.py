@@ -25,6 +25,7 @@ def train_command(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly: step, weights, optimiser, EMA, RNG."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda."),
+    init_from: Path | None = typer.Option(None, "--init-from", help="Start from the weights of this model folder (or a shipped model name such as recon_x4) instead of a random initialisation: fine-tuning."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (and save) after this many minutes of wall time."),
 ) -> None:
     """Train a model."""
@@ -41,7 +42,8 @@ def train_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     try:
-        result = train(recipe, out, max_steps=max_steps, tracking_uri=tracking_uri, resume=resume, device=device)
+        result = train(recipe, out, max_steps=max_steps, tracking_uri=tracking_uri, resume=resume, device=device,
+                       init_from=init_from)
     except (FileNotFoundError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -90,6 +90,7 @@ def sample(
     dc = dc or d.dc
     sigma = recipe.task.noise_sigma if noise_sigma is None else noise_sigma
     device = next(net.parameters()).device
+    caller_device = y.device  # results go back where the measurement came from (CPU stacks, CUDA model)
     y = y.to(device)
     k = int(samples)
 
@@ -129,4 +130,9 @@ def sample(
     std = stacked.abs().std(dim=1) if k > 1 else None
     if k > 1:  # the mean of data-consistent samples is data-consistent for hard DC (a linear constraint)
         mean = apply_dc(operator, mean, y, dc, sigma, d.dc_weight)
-    return SampleOutput(mean=mean, std=std, dc_residual=y - operator.A(mean), network_evals=len(timesteps))
+    return SampleOutput(
+        mean=mean.to(caller_device),
+        std=None if std is None else std.to(caller_device),
+        dc_residual=(y - operator.A(mean)).to(caller_device),
+        network_evals=len(timesteps),
+    )

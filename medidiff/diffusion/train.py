@@ -127,6 +127,7 @@ def train(
     resume: bool = False,
     device: str | None = None,
     show_progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a model from a recipe into ``out_dir``; see the module docstring for the layout."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -148,6 +149,13 @@ def train(
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(tr.seed)
         net = build_model(recipe)
+    if init_from is not None and not resume:  # fine-tune: start from another model's weights (same network)
+        from medidiff.models import load_model
+
+        start = load_model(init_from)
+        if start.recipe.model != recipe.model:
+            raise RuntimeError(f"{init_from}: its network settings differ from the recipe's; cannot start from it")
+        net.load_state_dict(start.net.state_dict())
     net = net.to(dev)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay))
     opt = torch.optim.AdamW(net.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
