@@ -128,3 +128,25 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = json.loads((tmp_path / "ddp/model/config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["step"] == 4
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path):
+    """Fine-tuning: with --init-from, step 0 weights are the source model's, and training moves on from there."""
+    recipe = load_recipe(SMOKE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from medidiff.diffusion.config import with_overrides
+
+    other_init = with_overrides(recipe, train={"seed": 123})  # a source model with a different initialisation
+    train(other_init, tmp_path / "src", max_steps=3, tracking_uri=uri, device="cpu", show_progress=False)
+    src = load_file(str(tmp_path / "src/model/model.safetensors"))
+    fresh = train(recipe, tmp_path / "fresh", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False)
+    tuned = train(recipe, tmp_path / "tuned", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False,
+                  init_from=tmp_path / "src/model")
+    assert fresh.step == tuned.step == 1
+    fresh_w = load_file(str(tmp_path / "fresh/checkpoint/train_state.safetensors"))
+    tuned_w = load_file(str(tmp_path / "tuned/checkpoint/train_state.safetensors"))
+    # after one small step the tuned weights sit next to the source's, far from a random start
+    key = next(k for k in src if k.endswith("weight") and src[k].numel() > 100)
+    d_tuned = (tuned_w[f"net.{key}"] - src[key]).norm()
+    d_fresh = (fresh_w[f"net.{key}"] - src[key]).norm()
+    assert d_tuned < 0.1 * d_fresh
