@@ -1,6 +1,7 @@
 """medidiff.review: look at a batch's results honestly (figures, a notebook viewer, MLflow run summaries).
 
-Notebooks in ``notebooks/`` only call what is exported here.
+Notebooks in ``notebooks/`` only call what is exported here and in :mod:`medidiff.review.runs` (MLflow reading,
+running the ``medidiff`` command).
 """
 
 from medidiff.review.batch import (
@@ -9,6 +10,8 @@ from medidiff.review.batch import (
     BatchError,
     ScanEntry,
     ScanOutputs,
+    demo_output,
+    find_project_root,
     load_volume,
     open_batch,
 )
@@ -25,6 +28,7 @@ from medidiff.review.figures import (
     oriented_slice,
     scan_figure,
     show,
+    useful_views,
     write_png,
 )
 from medidiff.review.viewer import ReviewViewer, metrics_html, static_review
@@ -41,8 +45,10 @@ __all__ = [
     "ScanOutputs",
     "SliceView",
     "canonical",
+    "demo_output",
     "display_limits",
     "figure_png",
+    "find_project_root",
     "load_volume",
     "metrics_html",
     "middle_slices_figure",
@@ -52,5 +58,6 @@ __all__ = [
     "scan_figure",
     "show",
     "static_review",
+    "useful_views",
     "write_png",
 ]
