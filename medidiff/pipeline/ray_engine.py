@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medidiff.pipeline.worker import EnhanceSettings, ScanJob
+from medidiff.pipeline.worker import EnhanceSettings, ScanJob, failed_entry
 
 
 class _ScanActor:
@@ -124,7 +124,7 @@ class RayEngine:
             try:
                 entry = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - an actor died (e.g. out of memory): fail the scan, replace it
-                entry = _failed_entry(job, f"worker failed: {type(exc).__name__}")
+                entry = failed_entry(job, f"worker failed: {type(exc).__name__}")
                 ray.kill(actor, no_restart=True)
                 self.actors.remove(actor)
                 actor = self._actor_cls.remote(*self._args)
@@ -148,19 +148,3 @@ class RayEngine:
         self.actors = []
         if self._started_ray:
             ray.shutdown()
-
-
-def _failed_entry(job: ScanJob, error: str) -> dict[str, Any]:
-    """Manifest entry of a scan whose worker died before returning."""
-    return {
-        "key": job.key,
-        "input": job.input_rel,
-        "kind": job.kind,
-        "task": None,
-        "status": "failed",
-        "fingerprint": job.fingerprint,
-        "outputs": {k: None for k in ("enhanced", "uncertainty", "residual", "baseline", "dicom")},
-        "metrics": {},
-        "seconds": 0.0,
-        "error": error,
-    }

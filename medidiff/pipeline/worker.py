@@ -364,6 +364,22 @@ def _remove_existing(path: Path) -> None:
         path.unlink()
 
 
+
+def failed_entry(job: ScanJob, error: str | None) -> dict[str, Any]:
+    """A manifest entry for ``job`` with status failed and no outputs (filled in as the scan succeeds)."""
+    return {
+        "key": job.key,
+        "input": job.input_rel,
+        "kind": job.kind,
+        "task": None,
+        "status": "failed",
+        "fingerprint": job.fingerprint,
+        "outputs": {k: None for k in ("enhanced", "uncertainty", "residual", "baseline", "dicom")},
+        "metrics": {},
+        "seconds": 0.0,
+        "error": error,
+    }
+
 def process_scan(
     job: ScanJob,
     input_root: Path,
@@ -375,18 +391,7 @@ def process_scan(
 ) -> dict[str, Any]:
     """Enhance one scan and write its outputs; returns its manifest entry (status done or failed)."""
     start = time.perf_counter()
-    entry: dict[str, Any] = {
-        "key": job.key,
-        "input": job.input_rel,
-        "kind": job.kind,
-        "task": None,
-        "status": "failed",
-        "fingerprint": job.fingerprint,
-        "outputs": {k: None for k in ("enhanced", "uncertainty", "residual", "baseline", "dicom")},
-        "metrics": {},
-        "seconds": 0.0,
-        "error": None,
-    }
+    entry = failed_entry(job, None)
     try:
         problems = list(getattr(job.source, "problems", []) or [])
         if job.kind == "invalid":
