@@ -3,6 +3,10 @@
 Per finished scan: the middle slice before (baseline back-projection), after (enhanced), their difference
 and the sampling uncertainty, with the scan's metrics. Built from the manifest and the NIfTI outputs, so it
 covers every scan of a resumed batch. Shows anonymous scan keys only, never patient data.
+
+Panels are drawn by :mod:`medidiff.review.figures` (the notebooks' code): volumes reoriented to the closest RAS
+order without resampling, radiological convention, true aspect from the affine spacing, orientation letters,
+fixed colour maps with unit-labelled colour bars and one set of intensity limits per scan.
 """
 
 from __future__ import annotations
@@ -12,94 +16,136 @@ import html
 import io
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medidiff.io.volume import Volume
+from medidiff.review.batch import BEFORE_LABELS, load_volume
+from medidiff.review.figures import (
+    ANATOMY_CMAP,
+    DIFFERENCE_CMAP,
+    UNCERTAINTY_CMAP,
+    DisplayLimits,
+    SliceView,
+    _colourbar,
+    _panel_size,
+    canonical,
+    check_same_grid,
+    display_limits,
+    draw_slice,
+    oriented_slice,
+)
+
 PANELS = ("before", "after", "difference", "uncertainty")
-BEFORE = {
-    "sr": "before: sinc upsampling",
-    "sr_thick": "before: through-plane interpolation",
-    "recon": "before: zero-filled",
-}
+BEFORE = BEFORE_LABELS
+PANEL_WIDTH_IN = 2.2  # shown 220 px wide; rendered at PANEL_DPI for sharp text on high-density screens
+PANEL_DPI = 200
+_FIXED_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis each view slices across
+_AXIS_NAME = {"axial": "S", "coronal": "A", "sagittal": "R"}
 
 
-def _middle_slice(path: Path, axis: int = 2) -> np.ndarray:
-    """The middle slice across ``axis`` of a NIfTI file, read lazily (float32, displayed orientation)."""
-    import nibabel as nib
+@dataclass(frozen=True)
+class ScanPreview:
+    """Oriented middle slices of one finished scan (screen order, mm extents) and the scan-wide display limits."""
 
-    img = nib.load(str(path))
-    shape = img.shape
-    if len(shape) < 3:
-        return np.rot90(np.asarray(img.dataobj, dtype=np.float32))
-    index = [slice(None)] * 3
-    index[axis] = shape[axis] // 2
-    sl = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)
-    return np.rot90(sl)  # first remaining axis → right, second → up
+    slices: dict[str, SliceView]  # before, after, difference (after − before), uncertainty; as available
+    limits: DisplayLimits
+    units: str = "a.u."
 
-
-def _view_axis(entry: dict[str, Any]) -> int:
-    """In-plane views for sr and recon; for through-plane SR a plane that contains the slice direction."""
-    return 1 if entry.get("task") == "sr_thick" else 2
+    @property
+    def caption(self) -> str:
+        """Which slice is shown, e.g. ``axial 8/16 (S +3.0 mm)``."""
+        sl = self.slices["after"]
+        note = f" · oblique {sl.oblique_deg:.0f}°" if sl.oblique_deg >= 1.0 else ""
+        return f"{sl.view} {sl.index + 1}/{sl.count} ({_AXIS_NAME[sl.view]} {sl.position_mm:+.1f} mm){note}"
 
 
-def scan_slices(output_root: Path, entry: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """Middle slices of a finished scan: before, after, difference and (when sampled) uncertainty."""
+def report_view(vol: Volume, task: str | None) -> str:
+    """The view of a scan's panels: its acquisition plane for sr / recon (the plane across voxel axis 2);
+    for through-plane SR a plane that contains the slice direction (the axis with the largest spacing)."""
+    from nibabel import orientations as ornt
+
+    to_ras = ornt.io_orientation(vol.affine)[:, 0]  # RAS axis of each voxel axis
+    cshape = canonical(vol).shape
+    if task == "sr_thick":
+        slice_ras = int(to_ras[vol.slice_axis])
+        candidates = [v for v in ("coronal", "sagittal", "axial") if _FIXED_AXIS[v] != slice_ras]
+        flat = [v for v in candidates if all(cshape[a] > 1 for a in range(3) if a != _FIXED_AXIS[v])]
+        return (flat or candidates)[0]
+    slice_ras = int(to_ras[2])
+    return next(v for v, axis in _FIXED_AXIS.items() if axis == slice_ras)
+
+
+def _on_grid(reference: Volume, other: Volume | None) -> bool:
+    """Whether ``other`` shares ``reference``'s voxel grid (panels that are subtracted or compared must)."""
+    if other is None:
+        return False
+    try:
+        check_same_grid({"after": reference, "other": other})
+    except ValueError:
+        return False
+    return True
+
+
+def scan_preview(output_root: Path, entry: dict[str, Any]) -> ScanPreview | None:
+    """Middle slices of a finished scan, reoriented to the closest RAS order: before, after, difference and
+    (when sampled) uncertainty, with display limits computed once over the whole volumes."""
     outputs = entry.get("outputs") or {}
     if entry.get("status") != "done" or not outputs.get("enhanced") or not outputs.get("baseline"):
         return None
-    axis = _view_axis(entry)
-    after = _middle_slice(Path(output_root) / outputs["enhanced"], axis)
-    before = _middle_slice(Path(output_root) / outputs["baseline"], axis)
-    slices = {"before": before, "after": after}
-    if before.shape == after.shape:
-        slices["difference"] = after - before
-    if outputs.get("uncertainty"):
-        slices["uncertainty"] = _middle_slice(Path(output_root) / outputs["uncertainty"], axis)
-    return slices
+    root = Path(output_root)
+    after = canonical(load_volume(root / outputs["enhanced"]))
+    before = canonical(load_volume(root / outputs["baseline"]))
+    uncertainty = canonical(load_volume(root / outputs["uncertainty"])) if outputs.get("uncertainty") else None
+    paired = _on_grid(after, before)
+    if not _on_grid(after, uncertainty):
+        uncertainty = None
+    limits = display_limits(before if paired else after, after, uncertainty, overlay_percentile=None)
+    view = report_view(after, entry.get("task"))
+    slices = {"after": oriented_slice(after, view, assume_canonical=True)}
+    slices["before"] = oriented_slice(before, view, assume_canonical=True)
+    if paired:
+        slices["difference"] = replace(slices["after"], image=slices["after"].image - slices["before"].image)
+    if uncertainty is not None:
+        slices["uncertainty"] = oriented_slice(uncertainty, view, assume_canonical=True)
+    return ScanPreview({name: slices[name] for name in PANELS if name in slices}, limits)
 
 
-def _rgb(name: str, arr: np.ndarray, grey_range: tuple[float, float]) -> np.ndarray:
-    """Colour-map one panel to uint8 RGB: grey images share a window; difference is symmetric."""
-    from matplotlib import colormaps
+def _panel_rgb(name: str, sl: SliceView, limits: DisplayLimits, units: str) -> np.ndarray:
+    """One panel drawn by the review figures' code (true aspect, orientation letters, colour bar) as uint8 RGB."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    arr = np.nan_to_num(np.asarray(arr, dtype=np.float64))
     if name == "difference":
-        lim = float(np.percentile(np.abs(arr), 99.5)) or 1.0
-        norm, cmap = (arr + lim) / (2 * lim), colormaps["RdBu_r"]
+        cmap, vmin, vmax, label = DIFFERENCE_CMAP, -limits.difference_max, limits.difference_max, "difference"
     elif name == "uncertainty":
-        hi = float(np.percentile(arr, 99.5)) or 1.0
-        norm, cmap = arr / hi, colormaps["magma"]
+        cmap, vmin, vmax, label = UNCERTAINTY_CMAP, 0.0, limits.uncertainty_max or 1.0, "standard deviation"
     else:
-        lo, hi = grey_range
-        norm, cmap = (arr - lo) / ((hi - lo) or 1.0), colormaps["gray"]
-    return (cmap(np.clip(norm, 0, 1))[..., :3] * 255).astype(np.uint8)
+        (vmin, vmax), cmap, label = limits.anatomy_range, ANATOMY_CMAP, "intensity"
+    width, height = _panel_size(sl, PANEL_WIDTH_IN)
+    fig = Figure(figsize=(width, height + 0.75), dpi=PANEL_DPI, layout="constrained", facecolor="white")
+    ax = fig.subplots()
+    image = draw_slice(ax, sl, cmap=cmap, vmin=vmin, vmax=vmax)
+    _colourbar(fig, image, ax, f"{label} ({units})")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
-def _grey_range(slices: dict[str, np.ndarray]) -> tuple[float, float]:
-    ref = slices.get("after", next(iter(slices.values())))
-    return float(np.percentile(ref, 0.5)), float(np.percentile(ref, 99.5))
-
-
-def _upscale(rgb: np.ndarray, min_size: int = 192) -> np.ndarray:
-    """Nearest-neighbour enlargement of tiny slices so they are visible."""
-    factor = max(1, int(np.ceil(min_size / max(1, min(rgb.shape[:2])))))
-    return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1) if factor > 1 else rgb
-
-
-def panel_images(slices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """uint8 RGB image per panel."""
-    window = _grey_range(slices)
-    return {name: _upscale(_rgb(name, slices[name], window)) for name in PANELS if name in slices}
+def panel_images(preview: ScanPreview) -> dict[str, np.ndarray]:
+    """uint8 RGB image per panel (before, after, difference, uncertainty; those available)."""
+    return {name: _panel_rgb(name, sl, preview.limits, preview.units) for name, sl in preview.slices.items()}
 
 
 def preview_strip(output_root: Path, entry: dict[str, Any]) -> np.ndarray | None:
     """The panels of a scan side by side (uint8 RGB), e.g. for an MLflow figure."""
-    slices = scan_slices(output_root, entry)
-    if not slices:
+    preview = scan_preview(output_root, entry)
+    if preview is None:
         return None
-    images = list(panel_images(slices).values())
+    images = list(panel_images(preview).values())
     height = max(im.shape[0] for im in images)
     padded = [np.pad(im, ((0, height - im.shape[0]), (0, 4), (0, 0)), constant_values=255) for im in images]
     return np.concatenate(padded, axis=1)
@@ -117,9 +163,9 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px} h2{font-size:16px;margin:0 0 6px 0;word-break:break-all}
 .scan{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;margin:14px 0}
-.panels{display:flex;flex-wrap:wrap;gap:8px}
+.panels{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
 figure{margin:0} figcaption{font-size:12px;color:#555;text-align:center}
-img{width:220px;image-rendering:pixelated;border:1px solid #ccc;background:#000}
+img{width:220px;height:auto;border:1px solid #ccc;background:#fff}
 table{border-collapse:collapse;font-size:13px;margin-top:6px} td,th{border:1px solid #ddd;padding:2px 8px}
 .failed{color:#a00}
 """
@@ -141,7 +187,9 @@ def render_report(output_root: Path, manifest: dict[str, Any]) -> str:
             f"Generated {html.escape(time.strftime('%Y-%m-%d %H:%M'))}."
             " Panels: middle slice of the operator back-projection (<b>before</b>), the enhanced image "
             "(<b>after</b>), after − before (<b>difference</b>, red = brighter) and the per-voxel standard "
-            "deviation over samples (<b>uncertainty</b>).</p>"
+            "deviation over samples (<b>uncertainty</b>). Slices follow the anatomy whatever the voxel order "
+            "on disk (radiological convention: the patient's right on the screen's left; letters mark the "
+            "directions), are drawn in millimetres (true aspect) and share one intensity scale per scan.</p>"
         ),
         f"<p><small>settings: {html.escape(json.dumps(params, default=str))}</small></p>",
     ]
@@ -161,17 +209,22 @@ def render_report(output_root: Path, manifest: dict[str, Any]) -> str:
 
 
 def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
+    """One finished scan: header, the four panels and its metrics table."""
     head = (
         f"<div class='scan'><h2>{html.escape(entry['key'])}</h2>"
         f"<div>{html.escape(str(entry.get('kind')))} · task {html.escape(str(entry.get('task')))} · "
-        f"{float(entry.get('seconds') or 0):.1f} s</div>"
+        f"{float(entry.get('seconds') or 0):.1f} s"
     )
+    problem = ""
     try:
-        slices = scan_slices(output_root, entry)
-        images = panel_images(slices) if slices else {}
+        preview = scan_preview(output_root, entry)
+        images = panel_images(preview) if preview else {}
+        if preview:
+            head += f" · {html.escape(preview.caption)}"
     except Exception as exc:  # noqa: BLE001 - an unreadable output shows as text, the report still renders
         images = {}
-        head += f"<p class='failed'>preview unavailable: {html.escape(type(exc).__name__)}</p>"
+        problem = f"<p class='failed'>preview unavailable: {html.escape(type(exc).__name__)}</p>"
+    head += f"</div>{problem}"
     captions = {
         "before": BEFORE.get(str(entry.get("task")), "before"),
         "after": "after: enhanced",
