@@ -1,8 +1,10 @@
 """MLflow tracking: the only module that imports mlflow. Everything logged passes the PHI scrubber.
 
 ``tracking_run(kind)`` opens one run per job. The store is ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` or a
-local SQLite file ``mlflow.db`` in the working directory. If the server cannot be reached (or mlflow is not
-installed) the job goes on with a no-op tracker after one warning; a failure mid-run does the same.
+local SQLite file ``mlflow.db`` in the working directory; new experiments of a SQLite store keep their artifacts
+in ``mlartifacts/`` beside the database file (not in ``./mlruns`` of the working directory). If the server
+cannot be reached (or mlflow is not installed) the job goes on with a no-op tracker after one warning; a
+failure mid-run does the same.
 """
 
 from __future__ import annotations
@@ -68,6 +70,33 @@ def _reachable(uri: str) -> str | None:
         except Exception as exc:  # noqa: BLE001 - any network failure means unreachable
             return str(exc)
     return None
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """For a ``sqlite:///PATH`` store, ``file://`` URI of the ``mlartifacts/`` folder beside the database, else None.
+
+    A relative PATH resolves against the current working directory, as SQLAlchemy does.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    db = uri[len(prefix):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).expanduser().absolute().parent / "mlartifacts").as_uri()
+
+
+def _use_experiment(mlflow_module: Any, name: str, uri: str) -> None:
+    """Make ``name`` the active experiment; a new one in a SQLite store keeps its artifacts beside the database.
+
+    Without this MLflow would put them in ``./mlruns`` of whatever the working directory is; experiments that
+    already exist keep their artifact location.
+    """
+    root = sqlite_artifact_root(uri)
+    if root is not None and mlflow_module.get_experiment_by_name(name) is None:
+        with contextlib.suppress(Exception):  # made meanwhile by another process: use that one
+            mlflow_module.create_experiment(name, artifact_location=root)
+    mlflow_module.set_experiment(name)
 
 
 class Tracker:
@@ -200,7 +229,7 @@ def tracking_run(kind: str, *, run_name: str | None = None, tracking_uri: str | 
     run = None
     try:
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(f"medidiff-{kind}")
+        _use_experiment(mlflow, f"medidiff-{kind}", uri)
         use_sys = system_metrics
         if use_sys:
             try:

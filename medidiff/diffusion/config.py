@@ -58,10 +58,13 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: synthetic cohort plus shipped real training volumes (never the evaluation set)."""
+    """Training data: synthetic cohort, shipped real training volumes (never the evaluation set) and the user's
+    own scans (every scan ``medidiff.io.discover`` finds under ``folders``; relative paths resolve against the
+    current working directory)."""
 
     synthetic_subjects: int = 8
     real_training: bool = True
+    folders: tuple[str, ...] = ()
     slices_per_volume: int = 32
     patch_size: int = 64
     val_subjects: int = 1
@@ -146,7 +149,7 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _check_type(value: Any, tp: Any, where: str, src: str) -> Any:
+def _check_type(value: Any, tp: Any, where: str, src: str, allow_empty: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -155,8 +158,8 @@ def _check_type(value: Any, tp: Any, where: str, src: str) -> Any:
         return value
     if origin is tuple:
         (inner, _) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or not value:
-            raise RecipeError(f"{src}: {where} must be a non-empty list, got {value!r}")
+        if not isinstance(value, (list, tuple)) or not (value or allow_empty):
+            raise RecipeError(f"{src}: {where} must be a {'' if allow_empty else 'non-empty '}list, got {value!r}")
         return tuple(_check_type(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
@@ -185,13 +188,14 @@ def _build(cls: type, data: Any, where: str, src: str) -> Any:
     if not isinstance(data, dict):
         raise RecipeError(f"{src}: {where or 'the recipe'} must be a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         full = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise RecipeError(f"{src}: unknown key '{full}' (allowed here: {', '.join(names)})")
-        kwargs[key] = _check_type(value, hints[key], full, src)
+        kwargs[key] = _check_type(value, hints[key], full, src, allow_empty=fields[key].default == ())
     return cls(**kwargs)
 
 
@@ -235,8 +239,13 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
         )
     if t.kind in ("sr", "sr_thick") and da.patch_size % t.factor:
         problems.append(f"data.patch_size {da.patch_size} must be a multiple of task.factor {t.factor}")
-    if da.synthetic_subjects < 0 or (da.synthetic_subjects == 0 and not da.real_training):
-        problems.append("data: no training volumes (synthetic_subjects is 0 and real_training is false)")
+    if da.synthetic_subjects < 0:
+        problems.append(f"data.synthetic_subjects must be >= 0, got {da.synthetic_subjects}")
+    elif da.synthetic_subjects == 0 and not da.real_training and not da.folders:
+        problems.append("data: no training volumes (synthetic_subjects is 0, real_training is false and "
+                        "no data.folders are given)")
+    if any(not f.strip() for f in da.folders):
+        problems.append("data.folders entries must be non-empty paths")
     if tr.steps < 1 or tr.batch_size < 1 or tr.batch_size_gpu < 1:
         problems.append("train.steps, train.batch_size and train.batch_size_gpu must be >= 1")
     if not 0 <= tr.ema_decay < 1:
@@ -253,8 +262,30 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], src: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a plain mapping (as read from YAML or config.json)."""
+    """Build and validate a Recipe from a plain mapping (as read from YAML or config.json).
+
+    Paths in ``data.folders`` are not checked here (a trained model's stored recipe stays loadable after its
+    training folders are gone); :func:`load_recipe` and training check them with :func:`check_folders`.
+    """
     return validate(_build(Recipe, data, "", src), src)
+
+
+def resolve_folder(folder: str) -> Path:
+    """A ``data.folders`` entry as an absolute path (``~`` expanded, relative to the current working directory)."""
+    return Path(folder).expanduser().absolute()
+
+
+def check_folders(recipe: Recipe, src: str = "recipe") -> Recipe:
+    """Raise RecipeError (naming ``src`` and the key) when a ``data.folders`` entry does not exist."""
+    missing = [
+        f"data.folders[{i}] '{folder}' does not exist (looked for {resolve_folder(folder)})"
+        for i, folder in enumerate(recipe.data.folders)
+        if not resolve_folder(folder).exists()
+    ]
+    if missing:
+        raise RecipeError(f"{src}: " + "; ".join(missing) + " — relative paths resolve against the current "
+                          f"working directory ({Path.cwd()})")
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -268,7 +299,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
-    return recipe_from_dict(data or {}, str(path))
+    return check_folders(recipe_from_dict(data or {}, str(path)), str(path))
 
 
 def with_overrides(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:

@@ -8,6 +8,7 @@ normalised per volume by the robust scale of the back-projected (pinv) images â€
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,16 +57,48 @@ def neighbour_index(n_slices: int, s: int, n: int) -> list[int]:
     return [min(max(s + o, 0), n_slices - 1) for o in range(-n, n + 1) if o != 0]
 
 
-def _training_volumes(recipe: Recipe) -> list[np.ndarray]:
-    """Synthetic subjects plus the shipped real training volumes (never the evaluation set)."""
+def _training_volumes(recipe: Recipe) -> Iterator[np.ndarray]:
+    """Synthetic subjects, the shipped real training volumes (never the evaluation set) and the scans under
+    ``data.folders``, one at a time (a user's folder may not fit in memory at once)."""
     from medidiff.data.shipped import real_training_volumes
     from medidiff.data.synth import synth_subject
 
     d = recipe.data
-    vols = [synth_subject(d.seed * 1000 + i).array for i in range(d.synthetic_subjects)]
+    for i in range(d.synthetic_subjects):
+        yield synth_subject(d.seed * 1000 + i).array
     if d.real_training:
-        vols += [v.array for _, v in real_training_volumes()]
-    return vols
+        for _, v in real_training_volumes():
+            yield v.array
+    yield from folder_volumes(recipe)
+
+
+def folder_volumes(recipe: Recipe) -> Iterator[np.ndarray]:
+    """Image volumes of every scan found under ``data.folders`` (k-space and unreadable entries skipped)."""
+    import warnings
+
+    from medidiff.diffusion.config import RecipeError, check_folders, resolve_folder
+    from medidiff.io import ScanError, discover
+
+    check_folders(recipe, f"recipe {recipe.name}")
+    for i, folder in enumerate(recipe.data.folders):
+        root = resolve_folder(folder)
+        used, skipped = 0, []
+        for source in discover(root):
+            if source.kind in ("invalid", "kspace"):
+                skipped.append(source.kind)
+                continue
+            try:
+                vol = source.load()
+            except ScanError as exc:
+                warnings.warn(f"data.folders[{i}]: skipping {exc}", stacklevel=2)
+                skipped.append("unreadable")
+                continue
+            used += 1
+            yield np.nan_to_num(np.asarray(vol.array, np.float32))
+        if used == 0:
+            why = f" ({len(skipped)} entries skipped: k-space or unreadable)" if skipped else ""
+            raise RecipeError(f"recipe {recipe.name}: data.folders[{i}] '{folder}' ({root}) holds no readable "
+                              f"image scan{why}")
 
 
 def _validation_volumes(recipe: Recipe) -> list[np.ndarray]:
@@ -100,7 +133,7 @@ class SlicePair:
     mask: np.ndarray | None = None
 
 
-def make_pairs(recipe: Recipe, volumes: list[np.ndarray], slices_per_volume: int, seed: int) -> list[SlicePair]:
+def make_pairs(recipe: Recipe, volumes: Iterable[np.ndarray], slices_per_volume: int, seed: int) -> list[SlicePair]:
     """Degrade selected slices of each volume with the task operator; normalise per volume."""
     rng = np.random.default_rng(seed)
     task, n = recipe.task, recipe.model.neighbours
@@ -182,7 +215,8 @@ class PatchSampler:
 
 
 def fingerprint(recipe: Recipe, pairs: list[SlicePair]) -> str:
-    """A short hash of the training data as the model saw it (task + every target slice)."""
+    """A short hash of the training data as the model saw it (task, data settings and every target slice,
+    the slices of the scans under ``data.folders`` included)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(repr(recipe.task).encode())
     h.update(repr(recipe.data).encode())

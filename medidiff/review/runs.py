@@ -377,14 +377,12 @@ def training_recipe(
 ) -> tuple[Path, list[str]]:
     """Write a copy of ``recipe`` with training settings changed; returns its path and notes for the reader.
 
-    ``folders`` go into ``data.folders`` when the recipe format has that field; when it does not, the notes say
-    so and training uses the recipe's own data (synthetic subjects and shipped scans).
+    ``folders`` go into ``data.folders`` (as absolute paths): every scan found there joins the recipe's own
+    training data (its synthetic subjects and shipped scans, if any).
     """
-    import dataclasses
-
     import yaml
 
-    from medidiff.diffusion.config import DataConfig, load_recipe
+    from medidiff.diffusion.config import load_recipe
 
     data = yaml.safe_load(recipe_path(recipe).read_text(encoding="utf-8")) or {}
     notes: list[str] = []
@@ -397,12 +395,7 @@ def training_recipe(
         train["max_minutes"] = float(minutes)
     data["train"] = train
     if folders:
-        if "folders" in {f.name for f in dataclasses.fields(DataConfig)}:
-            data["data"] = {**(data.get("data") or {}), "folders": [str(Path(f).resolve()) for f in folders]}
-        else:
-            notes.append("this medidiff's recipe format has no `data.folders` field yet, so the model trains on "
-                         "the recipe's own data (synthetic subjects and shipped scans); your folder is used for "
-                         "evaluation and enhancement only")
+        data["data"] = {**(data.get("data") or {}), "folders": [str(Path(f).resolve()) for f in folders]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

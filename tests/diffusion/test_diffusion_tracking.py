@@ -47,3 +47,22 @@ def test_without_mlflow_a_noop_tracker(monkeypatch):
             tr.log_params({"b": 2})
             assert not tr.active and tr.run_id is None
     assert sum("mlflow is not installed" in str(w.message) for w in record) == 1
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """A new experiment of a SQLite store puts artifacts in mlartifacts/ beside the .db, not in ./mlruns of cwd."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (tmp_path / "sub").mkdir()
+    uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
+    with tracking_run("artifacts", tracking_uri=uri, system_metrics=False) as tr:
+        assert tr.active
+        tr.log_text("hello", "notes/hello.txt")
+        run_id = tr.run_id
+    found = list((tmp_path / "sub" / "mlartifacts").rglob("hello.txt"))
+    assert len(found) == 1 and run_id in str(found[0]) and found[0].read_text() == "hello"
+    assert list(elsewhere.iterdir()) == []  # no mlruns/ (or anything else) in the working directory
+    with sqlite3.connect(tmp_path / "sub" / "mlflow.db") as db:
+        location = db.execute("select artifact_location from experiments where name = 'medidiff-artifacts'").fetchone()
+    assert location[0] == (tmp_path / "sub" / "mlartifacts").as_uri()
