@@ -110,3 +110,14 @@ def test_recon_keeps_measured_kspace_on_ifft_scale(mni, models):
     k_out = fft2c_np(np.moveaxis(res.enhanced.array, -1, 0).astype(np.complex64))
     rel = np.linalg.norm((k_out - data.kspace)[:, mask]) / np.linalg.norm(data.kspace[:, mask])
     assert rel < 0.05
+
+
+def test_slice_batches_are_capped_by_area_unless_asked():
+    """Bounded memory: big slices go through the network a few at a time; an explicit size is obeyed."""
+    from medidiff.pipeline.enhance import MAX_BATCH_PIXELS, slices_per_batch
+
+    assert slices_per_batch(None, 8, 256 * 256) == 8
+    assert slices_per_batch(None, 8, 512 * 512) == 2
+    assert slices_per_batch(None, 8, 2048 * 2048) == 1
+    assert slices_per_batch(5, 8, 2048 * 2048) == 5
+    assert slices_per_batch(None, 8, 512 * 512) * 512 * 512 <= MAX_BATCH_PIXELS
