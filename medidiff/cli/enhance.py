@@ -39,6 +39,13 @@ def enhance(
         1, "--samples", "-k", min=1, help="Diffusion samples per scan; K > 1 also writes an uncertainty map."
     ),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps (default: the model's)."),
+    factor: int | None = typer.Option(
+        None,
+        "--factor",
+        min=2,
+        help="Super-resolution factor you expect (with --task sr or sr_thick). The factor is the model's "
+        "(shipped: in-plane ×2, through-plane ×4); a model for another factor is refused before anything runs.",
+    ),
     model: list[str] | None = typer.Option(
         None,
         "--model",
@@ -97,6 +104,8 @@ def enhance(
             seed=seed,
             decode_timeout_s=decode_timeout,
         )
+        if factor is not None:
+            _check_factor(factor, task, tuple(model or ()))
         if engine not in ("local", "ray"):
             raise BatchUsageError(f"--engine must be local or ray, got {engine!r}")
         if device not in ("auto", "cpu", "cuda"):
@@ -130,3 +139,23 @@ def enhance(
         if summary.report:
             console.print(f"report:   {summary.report}")
     raise typer.Exit(summary.exit_code)
+
+
+def _check_factor(factor: int, task: str, models: tuple[str, ...]) -> None:
+    """Refuse --factor when the model that would run for the SR task does another factor."""
+    from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
+    from medidiff.pipeline.batch import BatchUsageError
+
+    if task not in ("sr", "sr_thick"):
+        raise BatchUsageError(f"--factor needs --task sr or --task sr_thick (got --task {task})")
+    chosen = weights_dir() / DEFAULT_MODELS[task]
+    for name in models:
+        path = Path(name) if Path(name).exists() else weights_dir() / name
+        if read_config(path)["recipe"]["task"]["kind"] == task:
+            chosen = path
+    model_factor = int(read_config(chosen)["recipe"]["task"]["factor"])
+    if model_factor != factor:
+        raise BatchUsageError(
+            f"--factor {factor}: the model for task {task} ({chosen.name}) does factor {model_factor}; "
+            f"train one for x{factor} (pipelines/*.yaml, task.factor) and pass it with --model"
+        )

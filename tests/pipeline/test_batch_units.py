@@ -216,3 +216,21 @@ def test_one_batch_at_a_time_per_output_folder(tmp_path):
     finally:
         os.close(first)
     os.close(_lock_output(tmp_path))  # released: the next batch may start
+
+
+def test_factor_option_is_checked_against_the_model(tmp_path):
+    """--factor names what the user expects; a model for another factor is refused before anything runs."""
+    from typer.testing import CliRunner
+
+    from medidiff.cli import app
+
+    (tmp_path / "in").mkdir()
+    ok = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o1"), "--task", "sr",
+                                  "--factor", "2", "--dry-run"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--task", "sr",
+                                   "--factor", "3", "--dry-run"])
+    assert bad.exit_code == 2 and "does factor 2" in bad.output
+    auto = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
+                                    "--factor", "2", "--dry-run"])
+    assert auto.exit_code == 2 and "--factor needs --task sr" in auto.output
