@@ -32,13 +32,17 @@ from monai.data import Dataset
 from medidiff.io import Volume
 
 
-def normalise(arr: np.ndarray) -> tuple[np.ndarray, float]:
-    """Robust per-volume scaling: ``(arr / scale, scale)`` with ``scale`` the 99.5th percentile of ``|arr|`` (1 if 0)."""
-    a = np.asarray(arr)
-    mag = np.abs(a)
+def intensity_scale(arr: np.ndarray) -> float:
+    """Robust per-volume scale: the 99.5th percentile of ``|arr|`` (1 if that is 0, empty or not finite)."""
+    mag = np.abs(np.asarray(arr))
     scale = float(np.percentile(mag, 99.5)) if mag.size else 0.0
-    if not np.isfinite(scale) or scale <= 0:
-        scale = 1.0
+    return scale if np.isfinite(scale) and scale > 0 else 1.0
+
+
+def normalise(arr: np.ndarray) -> tuple[np.ndarray, float]:
+    """Robust per-volume scaling: ``(arr / scale, scale)`` with ``scale`` from :func:`intensity_scale`."""
+    a = np.asarray(arr)
+    scale = intensity_scale(a)
     out = a / scale
     return out.astype(np.complex64 if np.iscomplexobj(out) else np.float32), scale
 

@@ -37,11 +37,10 @@ def task_operator(task: TaskConfig, plane_shape: tuple[int, int] | None = None, 
 
 def robust_scale(images: np.ndarray | Tensor) -> float:
     """Per-volume intensity scale: the 99.5th percentile of the magnitude (as ``medidiff.data.normalise``)."""
-    a = images.abs().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.abs(np.asarray(images))
-    from medidiff.data.datasets import normalise
+    from medidiff.data.datasets import intensity_scale
 
-    _, scale = normalise(a.astype(np.float32))
-    return float(scale) if scale > 0 else 1.0
+    a = images.abs().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.abs(np.asarray(images))
+    return intensity_scale(a.astype(np.float32, copy=False))
 
 
 def crop_multiple(stack: np.ndarray, multiple: int) -> np.ndarray:

@@ -152,20 +152,33 @@ def _geometry(stored_affine, header: str | None, shape: tuple[int, int, int], pr
     return _centred_affine(spacing, shape), header_info
 
 
-def probe_kspace(path: str | Path) -> dict[str, Any]:
-    """Shape (H, W, S), affine, description and problems of a k-space file without reading its arrays."""
-    import h5py
-
+def _check_hdf5(path: str | Path) -> Path:
+    """The path, if it names a non-empty HDF5 file; a ScanError naming the problem otherwise."""
     path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "file does not exist")
     if path.stat().st_size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     if not is_hdf5_file(path):
         raise ScanError(path, "not an HDF5 file")
+    return path
+
+
+def _require_kspace(f: Any, path: Path) -> None:
+    """Raise a ScanError when the open HDF5 file has no 'kspace' dataset."""
+    if "kspace" not in f:
+        raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
+
+
+def probe_kspace(path: str | Path) -> dict[str, Any]:
+    """Shape (H, W, S), affine, description and problems of a k-space file without reading its arrays."""
+    import h5py
+
+    path = _check_hdf5(path)
     problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
-            if "kspace" not in f:
-                raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
+            _require_kspace(f, path)
             shape = f["kspace"].shape
             if not np.issubdtype(f["kspace"].dtype, np.complexfloating) and not (
                 len(shape) in (4, 5) and shape[-1] == 2
@@ -202,18 +215,11 @@ def read_kspace(path: str | Path) -> KSpaceData:
     """Read a fastMRI-layout HDF5 file; every failure becomes a ScanError naming the file."""
     import h5py
 
-    path = Path(path)
-    if not path.exists():
-        raise ScanError(path, "file does not exist")
-    if path.stat().st_size == 0:
-        raise ScanError(path, "empty file (0 bytes)")
-    if not is_hdf5_file(path):
-        raise ScanError(path, "not an HDF5 file")
+    path = _check_hdf5(path)
     problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
-            if "kspace" not in f:
-                raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
+            _require_kspace(f, path)
             raw = f["kspace"][()]
             if not np.iscomplexobj(raw):
                 if raw.ndim in (4, 5) and raw.shape[-1] == 2:
