@@ -26,7 +26,9 @@ sources. About 5-10 ms per 128x128 image on one core (``benchmarks/bench_data.py
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -105,6 +107,23 @@ def _gaussian_basis(n: int, cells: int) -> np.ndarray:
     return (b / b.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's controller (installed with scikit-learn), or None."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _single_threaded_blas() -> AbstractContextManager:
+    """BLAS limited to one thread: these matrices are small, and threads only contend (5x slower when the
+    cores are shared with torch or other processes)."""
+    ctl = _blas_controller()
+    return ctl.limit(limits=1, user_api="blas") if ctl is not None else nullcontext()
+
+
 def smooth_fields(
     rng: np.random.Generator, count: int, shape: tuple[int, int], length_px: tuple[float, float]
 ) -> np.ndarray:
@@ -124,7 +143,8 @@ def smooth_fields(
         cells = [int(np.clip(np.ceil(n / ell), 1, 47)) + 1 for n, ell in zip(shape, length_px)]
         by, bx = _gaussian_basis(shape[0], cells[0]), _gaussian_basis(shape[1], cells[1])
         coeff = rng.standard_normal((count, cells[0], cells[1]), dtype=np.float32)
-        out = by @ coeff @ bx.T
+        with _single_threaded_blas():
+            out = by @ coeff @ bx.T
     return out / np.maximum(out.std(axis=(1, 2), keepdims=True), 1e-6)
 
 
