@@ -330,8 +330,11 @@ def acquire(
 
 
 def random_orientation(rng: np.random.Generator, *arrays: np.ndarray) -> list[np.ndarray]:
-    """The same random rotation by a multiple of 90 degrees and optional flip applied to every array."""
+    """The same random rotation by a multiple of 90 degrees (180 for non-square arrays, to keep the shape)
+    and optional flip applied to every array."""
     k, flip = int(rng.integers(0, 4)), bool(rng.random() < 0.5)
+    if arrays and arrays[0].shape[0] != arrays[0].shape[1]:
+        k = 2 * (k % 2)
     out = []
     for a in arrays:
         a = np.rot90(a, k)
