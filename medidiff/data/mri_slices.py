@@ -66,7 +66,9 @@ class MRISliceSource:
                 frac = signal.mean(axis=other)
                 per_axis.append(np.flatnonzero(frac >= self.cfg.min_signal_fraction))
             if not any(len(s) for s in per_axis):
-                raise ValueError(f"{name}: no slice has {self.cfg.min_signal_fraction:.0%} of its pixels with signal")
+                raise ValueError(
+                    f"{name}: no slice has {self.cfg.min_signal_fraction:.0%} of its pixels with signal"
+                )
             self._arrays.append(arr)
             self._spacings.append(tuple(float(s) for s in vol.spacing))
             self._slices.append(per_axis)

@@ -132,11 +132,13 @@ def test_data_generators_snr_measured_on_a_flat_region():
 
 def test_data_generators_kspace_downsample_and_rician_known_values():
     # A cosine below the new Nyquist survives cropping exactly; a constant keeps its value.
-    y, x = np.mgrid[0:64, 0:64]
+    _, x = np.mgrid[0:64, 0:64]
     wave = np.cos(2 * np.pi * 5 * x / 64).astype(np.float32) + 2.0
     down = kspace_downsample(wave, (32, 32))
     assert np.allclose(down, np.cos(2 * np.pi * 5 * x[::2, ::2] / 64) + 2.0, atol=1e-5)
-    assert np.allclose(kspace_downsample(np.full((64, 64), 3.0, np.float32), (32, 32), taper=0.7), 3.0, atol=1e-5)
+    assert np.allclose(
+        kspace_downsample(np.full((64, 64), 3.0, np.float32), (32, 32), taper=0.7), 3.0, atol=1e-5
+    )
     # A step edge truncated without apodisation rings (Gibbs overshoot about 9 %); strong apodisation does not.
     step = (x >= 32).astype(np.float32)[:, :] * 1.0
     fine = np.repeat(np.repeat(step, 2, 0), 2, 1)
@@ -217,7 +219,11 @@ def test_data_generators_mixture_weights_and_batches(monkeypatch):
         check_weights({"synthetic": 1.0, "brains": 1.0})
     with pytest.raises(ValueError, match="> 0"):
         check_weights({"synthetic": 0.0})
-    assert check_weights({"synthetic": 3.0, "natural": 1.0}) == {"synthetic": 0.75, "natural": 0.25, "mri": 0.0}
+    assert check_weights({"synthetic": 3.0, "natural": 1.0}) == {
+        "synthetic": 0.75,
+        "natural": 0.25,
+        "mri": 0.0,
+    }
 
     def forbidden():
         raise AssertionError("a source with weight 0 was built")
