@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from medidiff.diffusion.config import Recipe, recipe_from_dict
+from medidiff.recipe import Recipe, recipe_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
