@@ -82,7 +82,9 @@ def input_image(kind: str, y: np.ndarray | Tensor, coil_dim: int | None = None) 
     if kind != "recon":
         return y
     img = ifft2c(y) if isinstance(y, torch.Tensor) else ifft2c_np(np.asarray(y))
-    return rss(img, coil_dim) if coil_dim is not None else img.abs() if isinstance(img, torch.Tensor) else np.abs(img)
+    if coil_dim is not None:
+        return rss(img, coil_dim)
+    return img.abs() if isinstance(img, torch.Tensor) else np.abs(img)
 
 
 def measurement_scale(kind: str, y: np.ndarray | Tensor, coil_dim: int | None = None) -> float:

@@ -21,7 +21,14 @@ from medidiff.data.synth import synth_subject
 from medidiff.io import ScanError, discover
 from medidiff.physics.noise import add_noise
 from medidiff.recipe import Recipe, RecipeError, check_folders, resolve_folder
-from medidiff.tasks import Operator, TaskConfig, intensity_scale, measurement_scale, task_operator, to_channels
+from medidiff.tasks import (
+    Operator,
+    TaskConfig,
+    intensity_scale,
+    measurement_scale,
+    task_operator,
+    to_channels,
+)
 
 Tensor = torch.Tensor
 

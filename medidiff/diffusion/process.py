@@ -95,7 +95,8 @@ def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, c
     return torch.nn.functional.mse_loss(output.float(), target.float())
 
 
-def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float, device: torch.device | str = "cpu") -> Tensor:
+def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float,
+                       device: torch.device | str = "cpu") -> Tensor:
     """``set_timesteps`` for the whole chain, keeping the last ``steps`` (start at ``strength * T``).
 
     DDPM/DDIM timesteps are evenly spaced by ``T // n`` so that the scheduler's own ``prev_timestep``

@@ -39,7 +39,7 @@ class DataConsistency:
     @classmethod
     def from_recipe(cls, operator: Operator, recipe: Recipe, mode: str | None = None,
                     noise_sigma: float | None = None) -> DataConsistency:
-        """The recipe's data consistency (``diffusion.dc``, ``task.noise_sigma``, ``dc_weight``) unless overridden."""
+        """The recipe's (``diffusion.dc``, ``task.noise_sigma``, ``diffusion.dc_weight``) unless overridden."""
         d = recipe.diffusion
         return cls(operator, mode or d.dc, recipe.task.noise_sigma if noise_sigma is None else noise_sigma,
                    d.dc_weight)

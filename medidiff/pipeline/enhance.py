@@ -144,7 +144,7 @@ def _check_slices(stack: np.ndarray, count: int) -> np.ndarray:
 
 @dataclass
 class SliceStack:
-    """A volume as the 2D images the model sees: ``stack`` (N, h, w), how to put outputs back, the output grid."""
+    """A volume as the 2D images the model sees (``stack``, N × h × w), the way back and the output grid."""
 
     stack: np.ndarray
     order: tuple[int, int, int]  # volume axes of the stack's (N, h, w)
@@ -156,7 +156,7 @@ class SliceStack:
 
 
 def slice_stack(vol: Volume, task: str, factor: int) -> SliceStack:
-    """``sr``: in-plane images along the slice axis; ``sr_thick``: images (Q, Zlr) with the thick axis last."""
+    """``sr``: in-plane images along the slice axis; ``sr_thick``: images (Q, Zlr), thick axis last."""
     arr = np.asarray(vol.array, np.float32)
     if task == "sr":
         axis = inplane_slice_axis(vol)
@@ -182,7 +182,8 @@ def _checked_model(model: LoadedModel | str | None, task: str, factor: int | Non
         raise ValueError(f"model {loaded.name!r} was trained for task {recipe.task.kind!r}, not {task!r}")
     f = recipe.task.factor
     if factor is not None and int(factor) != f:
-        raise ValueError(f"model {loaded.name!r} does factor {f}, not {factor}; train or pick a model for x{factor}")
+        raise ValueError(f"model {loaded.name!r} does factor {f}, not {factor}; "
+                         f"train or pick a model for x{factor}")
     return loaded
 
 

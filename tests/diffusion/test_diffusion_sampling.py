@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from medidiff.recipe import Recipe, with_overrides
-from medidiff.tasks import task_operator
+from medidiff.diffusion.process import from_x0, make_scheduler, to_x0
 from medidiff.diffusion.sampling import DataConsistency, sample
 from medidiff.models import build_model
+from medidiff.recipe import DiffusionConfig, Recipe, with_overrides
+from medidiff.tasks import task_operator
 
 TINY = {"channels": [8, 8, 16], "num_res_blocks": 1, "norm_num_groups": 8, "num_head_channels": 8}
 
@@ -71,9 +72,6 @@ def test_prox_dc_sits_between_none_and_hard():
 def test_to_x0_and_from_x0_invert_each_other(scheduler, prediction_type):
     """The sampler converts the network output to x̂0 and back; both directions must agree for every
     scheduler class and parameterisation (RFlow always steps with a velocity, so it is checked for that)."""
-    from medidiff.diffusion.process import from_x0, make_scheduler, to_x0
-    from medidiff.recipe import DiffusionConfig
-
     if scheduler == "rflow" and prediction_type == "epsilon":
         pytest.skip("rflow with epsilon is rejected by recipe validation")
     sch = make_scheduler(DiffusionConfig(scheduler=scheduler, prediction_type=prediction_type))
