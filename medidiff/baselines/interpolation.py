@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from medidiff.io.volume import Volume
+from medidiff.physics.operators import KSpaceTruncation
 
 __all__ = [
     "bicubic_upsample",
@@ -25,10 +27,6 @@ __all__ = [
 
 def sinc_upsample(lr: np.ndarray, factor: int) -> np.ndarray:
     """Zero-padded k-space upsampling of ``(..., h, w)`` slices: the physics ``KSpaceTruncation.pinv``."""
-    import torch
-
-    from medidiff.physics.operators import KSpaceTruncation
-
     op = KSpaceTruncation(int(factor))
     out = op.pinv(torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32)))
     out = out.real if torch.is_complex(out) else out

@@ -1,31 +1,28 @@
 """Reconstruction baselines for undersampled k-space: zero-filled and compressed sensing (sigpy L1-wavelet).
 
 Both return a magnitude ``Volume`` ``(H, W, S)`` on the grid of ``KSpaceData.affine``.
-Compressed sensing works on k-space scaled so that the zero-filled image's 99.5th percentile is 1, so a
-regularisation weight tuned on one set of scans transfers to others; the output is scaled back.
+Compressed sensing works on k-space divided by ``medidiff.tasks.measurement_scale`` (the 99.5th percentile
+of the coil-combined zero-filled image, the normalisation every method shares), so a regularisation weight
+tuned on one set of scans (``medidiff.evaluation.tuning``) transfers to others; the output is scaled back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
-from medidiff.evaluation.metrics import psnr
 from medidiff.io.volume import Volume
+from medidiff.physics.fft import ifft2c_np, rss
+from medidiff.tasks import measurement_scale
 
 __all__ = [
     "DEFAULT_CS_ITERS",
-    "DEFAULT_LAMBDAS",
-    "CSTuning",
     "compressed_sensing",
     "cs_slice",
-    "tune_cs_lambda",
     "zero_filled",
 ]
 
-DEFAULT_LAMBDAS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_CS_ITERS = 100
 
 
@@ -49,10 +46,7 @@ def _mask2d(data, shape_hw: tuple[int, int]) -> np.ndarray:
 
 def _zero_filled_stack(ksp: np.ndarray) -> np.ndarray:
     """Root-sum-of-squares magnitude of the centred inverse FFT: ``(S, C, H, W)`` -> ``(S, H, W)``."""
-    from medidiff.physics.fft import ifft2c_np
-
-    img = ifft2c_np(ksp)
-    return np.sqrt((np.abs(img) ** 2).sum(axis=1)).astype(np.float32)
+    return rss(ifft2c_np(ksp), coil_dim=1).astype(np.float32)
 
 
 def _as_volume(stack_shw: np.ndarray, data) -> Volume:
@@ -64,12 +58,6 @@ def _as_volume(stack_shw: np.ndarray, data) -> Volume:
 def zero_filled(data) -> Volume:
     """Zero-filled reconstruction: ``|ifft2c(kspace)|`` per slice, root-sum-of-squares over coils."""
     return _as_volume(_zero_filled_stack(_coil_kspace(data)), data)
-
-
-def _scale(zf_stack: np.ndarray) -> float:
-    """Robust intensity scale of a zero-filled volume (99.5th percentile; max if that is 0)."""
-    s = float(np.percentile(zf_stack, 99.5))
-    return s if s > 0 else float(zf_stack.max()) or 1.0
 
 
 def _calib_width(mask_hw: np.ndarray) -> int:
@@ -110,41 +98,10 @@ def compressed_sensing(
     """sigpy L1-wavelet reconstruction of every slice (ESPIRiT maps for multi-coil data)."""
     ksp = _coil_kspace(data)
     mask = _mask2d(data, ksp.shape[-2:])
-    scale = _scale(_zero_filled_stack(ksp))
+    scale = measurement_scale("recon", ksp, coil_dim=1)
     out = np.empty((ksp.shape[0], *ksp.shape[-2:]), np.float32)
     for s in range(ksp.shape[0]):
         out[s] = cs_slice(ksp[s] / scale, mask, lamda, max_iter) * scale
         if progress is not None:
             progress(s + 1, ksp.shape[0])
     return _as_volume(out, data)
-
-
-@dataclass(frozen=True)
-class CSTuning:
-    """Result of the λ search: the chosen weight and mean PSNR (dB) per candidate."""
-
-    lamda: float
-    psnr_by_lambda: dict[float, float]
-    zero_filled_psnr: float
-
-
-def tune_cs_lambda(
-    tuning_set: Sequence[tuple[object, np.ndarray]],
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
-    max_iter: int = DEFAULT_CS_ITERS,
-) -> CSTuning:
-    """Pick λ maximising mean PSNR over a held-in tuning set of ``(KSpaceData, reference (H,W,S))`` pairs.
-
-    The tuning set must not contain the scans being evaluated.
-    """
-    if not tuning_set:
-        raise ValueError("tune_cs_lambda needs at least one (KSpaceData, reference) pair")
-    scores: dict[float, list[float]] = {float(lam): [] for lam in lambdas}
-    zf_scores = []
-    for data, ref in tuning_set:
-        zf_scores.append(psnr(ref, zero_filled(data).array))
-        for lam, values in scores.items():
-            values.append(psnr(ref, compressed_sensing(data, lam, max_iter).array))
-    means = {lam: float(np.mean(v)) for lam, v in scores.items()}
-    best = max(means, key=means.__getitem__)
-    return CSTuning(lamda=best, psnr_by_lambda=means, zero_filled_psnr=float(np.mean(zf_scores)))

@@ -1,7 +1,7 @@
 """Regression U-Net baseline (MONAI ``BasicUNet``): one forward pass from the operator's back-projection.
 
 It is trained on **the same data with the same budget** as a diffusion recipe: the recipe's training
-slices and patch sampler (``medidiff.diffusion.pairs``: same volumes, operator, normalisation, patches and
+slices and patch sampler (``medidiff.data.pairs``: same volumes, operator, normalisation, patches and
 flips), its number of steps, batch size and learning rate. The network sees the conditioning the diffusion
 model sees (the normalised back-projection ``b`` — sinc-upsampled image for SR, complex zero-filled image
 for reconstruction — plus neighbours for 2.5D recipes) and predicts the residual, ``x̂ = b + net(b)``,
@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from medidiff.data.pairs import PatchSampler, fingerprint, neighbour_index, training_pairs
 from medidiff.io.volume import Volume
+from medidiff.physics.coils import espirit_maps
+from medidiff.physics.operators import FourierUndersampling
+from medidiff.recipe import Recipe, load_recipe, recipe_from_dict
+from medidiff.tasks import Operator, from_channels, measurement_scale, task_operator, to_channels
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -49,8 +55,8 @@ _MULTIPLE = 16  # BasicUNet halves the grid four times
 class RegressionUNet:
     """A trained regression U-Net with the recipe whose data and operator it was trained on."""
 
-    net: Any  # torch.nn.Module
-    recipe: Any  # medidiff.diffusion.config.Recipe
+    net: torch.nn.Module
+    recipe: Recipe
     features: tuple[int, ...]
     meta: dict[str, Any]
 
@@ -59,7 +65,7 @@ class RegressionUNet:
         return self.recipe.task.kind
 
 
-def build_unet(recipe, features: Sequence[int] = DEFAULT_FEATURES):
+def build_unet(recipe: Recipe, features: Sequence[int] = DEFAULT_FEATURES) -> torch.nn.Module:
     """MONAI 2D ``BasicUNet``: conditioning channels in, image channels (residual) out."""
     from monai.networks.nets import BasicUNet
 
@@ -71,7 +77,7 @@ def build_unet(recipe, features: Sequence[int] = DEFAULT_FEATURES):
 
 
 def train_regression_unet(
-    recipe,
+    recipe: Recipe,
     *,
     features: Sequence[int] = DEFAULT_FEATURES,
     steps: int | None = None,
@@ -86,10 +92,6 @@ def train_regression_unet(
 
     Returns the model and a history of ``{"step", "loss", "seconds"}`` (step 1, every 10, the last).
     """
-    import torch
-
-    from medidiff.diffusion.pairs import PatchSampler, fingerprint, training_pairs
-
     if recipe.data.patch_size % _MULTIPLE:
         raise ValueError(f"recipe {recipe.name}: data.patch_size {recipe.data.patch_size} must be a multiple "
                          f"of {_MULTIPLE} for the U-Net")
@@ -153,8 +155,6 @@ def load_unet(model_dir: str | Path, device: str = "cpu") -> RegressionUNet:
     """Load a checkpoint written by ``save_unet`` (safetensors, never pickle), in eval mode."""
     from safetensors.torch import load_file
 
-    from medidiff.diffusion.config import recipe_from_dict
-
     d = Path(model_dir)
     for name in (CHECKPOINT_FILE, CONFIG_FILE):
         if not (d / name).is_file():
@@ -173,14 +173,10 @@ def load_unet(model_dir: str | Path, device: str = "cpu") -> RegressionUNet:
     return RegressionUNet(net.to(device).eval(), recipe, features, meta)
 
 
-def predict_slices(model: RegressionUNet, op, y, stack_y=None, index: Sequence[int] | None = None,
-                   batch: int = 8):
+def predict_slices(model: RegressionUNet, op: Operator, y: torch.Tensor, stack_y: torch.Tensor | None = None,
+                   index: Sequence[int] | None = None, batch: int = 8) -> torch.Tensor:
     """``b + net(b)`` for normalised measurements ``y`` (B, ...) with ``b = op.pinv(y)``; torch (B, H, W)."""
-    import torch
     from monai.inferers import sliding_window_inference
-
-    from medidiff.diffusion.pairs import neighbour_index
-    from medidiff.diffusion.sampling import from_channels, to_channels
 
     recipe = model.recipe
     cplx, n = recipe.complex_images, recipe.model.neighbours
@@ -218,15 +214,11 @@ def predict_slices(model: RegressionUNet, op, y, stack_y=None, index: Sequence[i
 
 def unet_enhance_volume(model: RegressionUNet, lr: Volume) -> Volume:
     """In-plane SR of a low-resolution Volume (slices along axis 2, like ``enhance_volume``) on the HR grid."""
-    import torch
-
-    from medidiff.diffusion.pairs import robust_scale, task_operator
-
     if model.task != "sr":
         raise ValueError(f"regression U-Net trained for {model.task!r}; unet_enhance_volume does in-plane 'sr'")
     f = model.recipe.task.factor
     stack = np.moveaxis(np.asarray(lr.array, np.float32), 2, 0)
-    scale = robust_scale(stack)
+    scale = measurement_scale("sr", stack)
     y = torch.from_numpy(np.ascontiguousarray(stack)) / scale
     out = predict_slices(model, task_operator(model.recipe.task), y).numpy() * scale
     affine = np.asarray(lr.affine) @ np.diag([1.0 / f, 1.0 / f, 1.0, 1.0])
@@ -236,12 +228,6 @@ def unet_enhance_volume(model: RegressionUNet, lr: Volume) -> Volume:
 
 def unet_enhance_kspace(model: RegressionUNet, data) -> Volume:
     """Reconstruction of undersampled k-space (single-coil, or multi-coil via ESPIRiT maps): |b + net(b)|."""
-    import torch
-
-    from medidiff.diffusion.pairs import robust_scale
-    from medidiff.physics.fft import ifft2c
-    from medidiff.physics.operators import FourierUndersampling
-
     if model.task != "recon":
         raise ValueError(f"regression U-Net trained for {model.task!r}; unet_enhance_kspace needs 'recon'")
     k = torch.from_numpy(np.asarray(data.kspace, np.complex64))
@@ -250,15 +236,11 @@ def unet_enhance_kspace(model: RegressionUNet, data) -> Volume:
         mask = np.broadcast_to(np.asarray(data.mask, np.float32), (h, w)).astype(np.float32)
     else:
         mask = (np.abs(data.kspace).reshape(-1, h, w).sum(axis=0) > 0).astype(np.float32)
-    zf = ifft2c(k)
-    zf_mag = zf.abs().pow(2).sum(1).sqrt() if k.ndim == 4 else zf.abs()
-    scale = robust_scale(zf_mag)
+    scale = measurement_scale("recon", k, coil_dim=1 if k.ndim == 4 else None)
     out = np.empty((k.shape[0], h, w), np.float32)
     if k.ndim == 3:
         out[:] = predict_slices(model, FourierUndersampling(mask), k / scale).abs().numpy() * scale
     else:
-        from medidiff.physics.coils import espirit_maps
-
         for s in range(k.shape[0]):
             op = FourierUndersampling(mask, sens_maps=espirit_maps(data.kspace[s]))
             out[s] = predict_slices(model, op, k[s:s + 1] / scale)[0].abs().numpy() * scale
@@ -269,8 +251,6 @@ def unet_enhance_kspace(model: RegressionUNet, data) -> Volume:
 def main(argv: Sequence[str] | None = None) -> None:
     """Train the regression U-Net with a diffusion recipe's data and budget and save it."""
     import argparse
-
-    from medidiff.diffusion.config import load_recipe
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True, help="the diffusion recipe (pipelines/*.yaml) to match")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from medidiff.cli import app
+from medidiff.data.synth import head_shape, write_cohort
 
 data_app = typer.Typer(
     name="data",
@@ -36,8 +37,6 @@ def synth(
     The same --seed always gives the same files.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from medidiff.data.synth import head_shape, write_cohort
 
     shape = None if downsample == 1 else tuple(max(1, s // downsample) for s in head_shape())
     try:

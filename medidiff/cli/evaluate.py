@@ -5,10 +5,16 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from medidiff.cli import app
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from medidiff.evaluation.compare import Case, Method
 
 
 def _split(text: str | None) -> list[str]:
@@ -50,17 +56,6 @@ def evaluate(
     unless --no-tracking, one MLflow run holding all of them.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from medidiff.evaluation.compare import (
-        EvaluationError,
-        build_methods,
-        evaluate_cases,
-        load_cases,
-        shipped_cases,
-        summarise,
-    )
-    from medidiff.evaluation.report import log_to_mlflow, write_report
 
     err = Console(stderr=True)
     if task not in ("sr", "recon"):
@@ -69,20 +64,32 @@ def evaluate(
         step_list = [int(s) for s in _split(steps)]
     except ValueError:
         raise typer.BadParameter(f"--steps must be integers like 4,10, got {steps!r}") from None
+    options = {"steps": step_list, "model": model, "dc_variant": dc_variant, "unet_dir": unet,
+               "cs_lambda": cs_lambda, "cs_iters": cs_iters, "device": device}
+    cases, method_objs, notes = _prepare(err, data, task, max_scans, _split(methods) or None, seed, options)
+    rows, outputs = _run(err, cases, method_objs)
+    _report(err, out, data, task, cases, method_objs, rows, outputs, notes, step_list, seed, device,
+            tracking_uri, tracking)
+
+
+def _prepare(err: Console, data: str, task: str, max_scans: int | None, methods: list[str] | None, seed: int,
+             options: dict[str, Any]) -> tuple[list[Case], list[Method], list[str]]:
+    """The cases and the methods to run on them (with notes on skipped methods); exits 2 when none can run."""
+    from medidiff.evaluation.compare import EvaluationError, build_methods, load_cases, shipped_cases
+    from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+
+    notes: list[str] = []
     try:
         cases = shipped_cases(task, seed=seed) if data == "shipped" else load_cases(data, task)
         if max_scans:
             cases = cases[:max_scans]
-        notes: list[str] = []
         with err.status("preparing methods (CS lambda tuning, models)..."):
-            method_objs = build_methods(
-                task, cases, _split(methods) or None, steps=step_list, model=model, dc_variant=dc_variant,
-                unet_dir=unet, cs_lambda=cs_lambda, cs_iters=cs_iters, device=device, seed=seed, notes=notes,
-            )
+            method_objs = build_methods(task, cases, methods, seed=seed, notes=notes,
+                                        enhance=enhance_volume if task == "sr" else enhance_kspace, **options)
     except EvaluationError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    except ImportError as exc:  # a part of medidiff this evaluation needs is not installed / written
+    except ImportError as exc:  # an optional dependency this evaluation needs is not installed
         err.print(f"[red]error:[/red] --data {data} --task {task} needs {exc.name or exc}: {exc}")
         raise typer.Exit(2) from None
     for n in notes:
@@ -90,6 +97,14 @@ def evaluate(
     if not method_objs:
         err.print("[red]error:[/red] no method could be run")
         raise typer.Exit(2)
+    return cases, method_objs, notes
+
+
+def _run(err: Console, cases: list[Case], method_objs: list[Method]) -> tuple[list[dict[str, Any]], dict]:
+    """Every method on every case, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medidiff.evaluation.compare import evaluate_cases
 
     total = len(cases) * len(method_objs)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -105,6 +120,15 @@ def evaluate(
 
         rows, outputs = evaluate_cases(cases, method_objs, progress=tick)
         bar.update(job, completed=total, description="done")
+    return rows, outputs
+
+
+def _report(err: Console, out: str, data: str, task: str, cases: list[Case], method_objs: list[Method],
+            rows: list[dict[str, Any]], outputs: dict, notes: list[str], step_list: list[int], seed: int,
+            device: str, tracking_uri: str | None, tracking: bool) -> None:
+    """Write the tables and figures, log the MLflow run, print the mean table and any failures."""
+    from medidiff.evaluation.compare import summarise
+    from medidiff.evaluation.report import log_to_mlflow, write_report
 
     order = [m.name for m in method_objs]
     summary = summarise(rows, order)

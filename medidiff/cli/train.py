@@ -29,8 +29,8 @@ def train_command(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (and save) after this many minutes of wall time."),
 ) -> None:
     """Train a model."""
-    from medidiff.diffusion.config import RecipeError, load_recipe, with_overrides
     from medidiff.diffusion.train import train
+    from medidiff.recipe import RecipeError, load_recipe, with_overrides
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"--device must be auto, cpu or cuda, got {device!r}")

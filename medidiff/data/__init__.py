@@ -1,5 +1,5 @@
-"""medidiff.data: shipped real MR (train/evaluation split), synthetic subjects and slice-pair datasets.
+"""medidiff.data: shipped real MR (train/evaluation split), synthetic subjects and training slice pairs.
 
-Submodules are imported lazily by their users (``medidiff.data.shipped``, ``.synth``, ``.datasets``) so that
+Submodules are imported by their users (``medidiff.data.shipped``, ``.synth``, ``.pairs``) so that
 importing the package stays cheap.
 """

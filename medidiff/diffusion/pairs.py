@@ -1,235 +1,30 @@
-"""Training pairs (conditioning, target) made with the physics operators, and the task's operator.
+"""Training pairs (kept importable here; they live in :mod:`medidiff.data.pairs`, the operator and the
+intensity normalisation in :mod:`medidiff.tasks`)."""
 
-Slices are taken from the training volumes along several orientations, degraded with the task's operator,
-normalised per volume by the robust scale of the back-projected (pinv) images — the same quantity
-``enhance`` computes from a user's scan — and cut into random patches with flips.
-"""
+from medidiff.data.pairs import (
+    PatchSampler,
+    SlicePair,
+    crop_multiple,
+    fingerprint,
+    folder_volumes,
+    make_pairs,
+    neighbour_index,
+    training_pairs,
+    validation_pairs,
+)
+from medidiff.tasks import intensity_scale as robust_scale
+from medidiff.tasks import task_operator
 
-from __future__ import annotations
-
-import hashlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-
-import numpy as np
-import torch
-
-from medidiff.diffusion.config import Recipe, TaskConfig
-from medidiff.diffusion.sampling import to_channels
-
-Tensor = torch.Tensor
-
-
-def task_operator(task: TaskConfig, plane_shape: tuple[int, int] | None = None, seed: int = 0, mask=None):
-    """The degradation operator of a task (recon needs the plane shape or an explicit mask)."""
-    from medidiff.physics.operators import FourierUndersampling, KSpaceTruncation, SliceProfile
-
-    if task.kind == "sr":
-        return KSpaceTruncation(task.factor)
-    if task.kind == "sr_thick":
-        return SliceProfile(task.factor, profile=task.profile)
-    if mask is None:
-        from medidiff.physics.masks import make_mask
-
-        mask = make_mask(task.mask, tuple(plane_shape), task.acceleration, task.center_fraction, seed).mask
-    return FourierUndersampling(mask)
-
-
-def robust_scale(images: np.ndarray | Tensor) -> float:
-    """Per-volume intensity scale: the 99.5th percentile of the magnitude (as ``medidiff.data.normalise``)."""
-    from medidiff.data.datasets import intensity_scale
-
-    a = images.abs().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.abs(np.asarray(images))
-    return intensity_scale(a.astype(np.float32, copy=False))
-
-
-def crop_multiple(stack: np.ndarray, multiple: int) -> np.ndarray:
-    """Centre-crop the last two dims to multiples of ``multiple``."""
-    h, w = stack.shape[-2:]
-    hh, ww = h - h % multiple, w - w % multiple
-    top, left = (h - hh) // 2, (w - ww) // 2
-    return stack[..., top: top + hh, left: left + ww]
-
-
-def neighbour_index(n_slices: int, s: int, n: int) -> list[int]:
-    """Indices of the 2n neighbours of slice ``s`` (clamped at the ends)."""
-    return [min(max(s + o, 0), n_slices - 1) for o in range(-n, n + 1) if o != 0]
-
-
-def _training_volumes(recipe: Recipe) -> Iterator[np.ndarray]:
-    """Synthetic subjects, the shipped real training volumes (never the evaluation set) and the scans under
-    ``data.folders``, one at a time (a user's folder may not fit in memory at once)."""
-    from medidiff.data.shipped import real_training_volumes
-    from medidiff.data.synth import synth_subject
-
-    d = recipe.data
-    for i in range(d.synthetic_subjects):
-        yield synth_subject(d.seed * 1000 + i).array
-    if d.real_training:
-        for _, v in real_training_volumes():
-            yield v.array
-    yield from folder_volumes(recipe)
-
-
-def folder_volumes(recipe: Recipe) -> Iterator[np.ndarray]:
-    """Image volumes of every scan found under ``data.folders`` (k-space and unreadable entries skipped)."""
-    import warnings
-
-    from medidiff.diffusion.config import RecipeError, check_folders, resolve_folder
-    from medidiff.io import ScanError, discover
-
-    check_folders(recipe, f"recipe {recipe.name}")
-    for i, folder in enumerate(recipe.data.folders):
-        root = resolve_folder(folder)
-        used, skipped = 0, []
-        for source in discover(root):
-            if source.kind in ("invalid", "kspace"):
-                skipped.append(source.kind)
-                continue
-            try:
-                vol = source.load()
-            except ScanError as exc:
-                warnings.warn(f"data.folders[{i}]: skipping {exc}", stacklevel=2)
-                skipped.append("unreadable")
-                continue
-            used += 1
-            yield np.nan_to_num(np.asarray(vol.array, np.float32))
-        if used == 0:
-            why = f" ({len(skipped)} entries skipped: k-space or unreadable)" if skipped else ""
-            raise RecipeError(f"recipe {recipe.name}: data.folders[{i}] '{folder}' ({root}) holds no readable "
-                              f"image scan{why}")
-
-
-def _validation_volumes(recipe: Recipe) -> list[np.ndarray]:
-    """Held-out synthetic subjects (seeds disjoint from training)."""
-    from medidiff.data.synth import synth_subject
-
-    d = recipe.data
-    return [synth_subject(10_000 + d.seed * 1000 + i).array for i in range(d.val_subjects)]
-
-
-def _orientations(recipe: Recipe, vol: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """Stacks (S, H, W) of a volume in the orientations used for training (W = through-plane for sr_thick)."""
-    stacks = []
-    for s_axis in range(3):
-        rest = [a for a in range(3) if a != s_axis]
-        if min(vol.shape[a] for a in rest) < 16 or vol.shape[s_axis] < 1:
-            continue
-        if recipe.task.kind == "sr_thick" and rng.random() < 0.5:
-            rest = rest[::-1]
-        stacks.append(np.transpose(vol, (s_axis, *rest)))
-    return stacks
-
-
-@dataclass
-class SlicePair:
-    """One normalised training/validation slice."""
-
-    y: Tensor  # measurement
-    base: Tensor  # pinv image (H, W)
-    target: Tensor  # reference (H, W)
-    context: Tensor | None  # neighbours' pinv images as channels (2 n C, H, W)
-    mask: np.ndarray | None = None
-
-
-def make_pairs(recipe: Recipe, volumes: Iterable[np.ndarray], slices_per_volume: int, seed: int) -> list[SlicePair]:
-    """Degrade selected slices of each volume with the task operator; normalise per volume."""
-    rng = np.random.default_rng(seed)
-    task, n = recipe.task, recipe.model.neighbours
-    multiple = task.factor if task.kind != "recon" else 2
-    gen = torch.Generator().manual_seed(seed)
-    pairs: list[SlicePair] = []
-    for v_index, vol in enumerate(volumes):
-        stacks = _orientations(recipe, np.asarray(vol, np.float32), rng)
-        if not stacks:
-            continue
-        per = max(1, slices_per_volume // len(stacks))
-        for stack in stacks:
-            stack = crop_multiple(stack, multiple)
-            energy = np.abs(stack).reshape(len(stack), -1).mean(axis=1)
-            keep = np.flatnonzero(energy > 0.25 * energy.max())
-            if len(keep) == 0:
-                continue
-            chosen = np.sort(rng.choice(keep, size=min(per, len(keep)), replace=False))
-            needed = sorted({j for s in chosen for j in [s, *neighbour_index(len(stack), s, n)]})
-            x = torch.from_numpy(np.ascontiguousarray(stack[needed]))
-            op = task_operator(task, tuple(x.shape[-2:]), seed=seed + v_index)
-            meas = op.A(x.to(torch.complex64) if task.kind == "recon" else x)
-            if task.noise_sigma > 0:
-                from medidiff.physics.noise import add_noise
-
-                meas = add_noise(meas, task.noise_sigma * robust_scale(x), generator=gen)
-            base = op.pinv(meas)
-            scale = robust_scale(base)
-            pos = {j: i for i, j in enumerate(needed)}
-            for s in chosen:
-                ctx = None
-                if n:
-                    ctx = torch.cat([to_channels(base[pos[j]][None], recipe.complex_images)[0]
-                                     for j in neighbour_index(len(stack), s, n)]) / scale
-                pairs.append(SlicePair(y=meas[pos[s]] / scale, base=base[pos[s]] / scale,
-                                       target=x[pos[s]] / scale, context=ctx,
-                                       mask=getattr(op, "mask", None)))
-    return pairs
-
-
-class PatchSampler:
-    """Random patches (with flips) from a list of slice pairs, drawn with an explicit generator."""
-
-    def __init__(self, recipe: Recipe, pairs: list[SlicePair]) -> None:
-        if not pairs:
-            raise ValueError("no training slices: the training volumes are empty or too small")
-        self.recipe, self.pairs = recipe, pairs
-        p = recipe.data.patch_size
-        self.pairs = [q for q in pairs if min(q.base.shape[-2:]) >= p]
-        if not self.pairs:
-            raise ValueError(f"no training slice is at least {p}x{p}; lower data.patch_size")
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``(cond (B, Cc, P, P), x0 (B, C, P, P))`` with x0 the residual or the image (recipe ``target``)."""
-        r, p = self.recipe, self.recipe.data.patch_size
-        cplx = r.complex_images
-        conds, targets = [], []
-        idx = torch.randint(0, len(self.pairs), (batch_size,), generator=generator).tolist()
-        for i in idx:
-            q = self.pairs[i]
-            h, w = q.base.shape[-2:]
-            top = int(torch.randint(0, h - p + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - p + 1, (1,), generator=generator))
-            base = to_channels(q.base[None], cplx)[0]
-            tgt = to_channels(q.target[None], cplx)[0]
-            cond = base if q.context is None else torch.cat([base, q.context])
-            x0 = tgt - base if r.diffusion.target == "residual" else tgt
-            cond, x0 = cond[:, top: top + p, left: left + p], x0[:, top: top + p, left: left + p]
-            flips = torch.rand(3, generator=generator)
-            if flips[0] < 0.5:
-                cond, x0 = cond.flip(-1), x0.flip(-1)
-            if flips[1] < 0.5:
-                cond, x0 = cond.flip(-2), x0.flip(-2)
-            if r.task.kind == "sr" and flips[2] < 0.5:
-                cond, x0 = cond.transpose(-1, -2), x0.transpose(-1, -2)
-            conds.append(cond)
-            targets.append(x0)
-        return torch.stack(conds).float(), torch.stack(targets).float()
-
-
-def fingerprint(recipe: Recipe, pairs: list[SlicePair]) -> str:
-    """A short hash of the training data as the model saw it (task, data settings and every target slice,
-    the slices of the scans under ``data.folders`` included)."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(repr(recipe.task).encode())
-    h.update(repr(recipe.data).encode())
-    for q in pairs:
-        h.update(q.target.numpy().tobytes())
-    return h.hexdigest()
-
-
-def training_pairs(recipe: Recipe) -> list[SlicePair]:
-    """All training slices of a recipe."""
-    return make_pairs(recipe, _training_volumes(recipe), recipe.data.slices_per_volume, recipe.data.seed)
-
-
-def validation_pairs(recipe: Recipe) -> list[SlicePair]:
-    """Full held-out slices for validation."""
-    pairs = make_pairs(recipe, _validation_volumes(recipe), recipe.data.val_slices, recipe.data.seed + 1)
-    return pairs[: recipe.data.val_slices]
+__all__ = [
+    "PatchSampler",
+    "SlicePair",
+    "crop_multiple",
+    "fingerprint",
+    "folder_volumes",
+    "make_pairs",
+    "neighbour_index",
+    "robust_scale",
+    "task_operator",
+    "training_pairs",
+    "validation_pairs",
+]

@@ -8,16 +8,16 @@ every scheduler step sees a consistent prediction.
 from __future__ import annotations
 
 import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from medidiff.diffusion.config import DiffusionConfig, Recipe
+from medidiff.recipe import DiffusionConfig, Recipe
 
 Tensor = torch.Tensor
+Scheduler = DDPMScheduler | DDIMScheduler | RFlowScheduler
 
 
-def make_scheduler(cfg: DiffusionConfig):
+def make_scheduler(cfg: DiffusionConfig) -> Scheduler:
     """DDPM / DDIM / RFlow scheduler from MONAI, with ``clip_sample`` off (MRI intensities are not in [-1, 1])."""
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
-
     if cfg.scheduler == "rflow":
         return RFlowScheduler(num_train_timesteps=cfg.train_timesteps, use_discrete_timesteps=True,
                               sample_method="uniform", use_timestep_transform=False)
@@ -29,24 +29,24 @@ def make_scheduler(cfg: DiffusionConfig):
                          prediction_type=cfg.prediction_type)
 
 
-def is_rflow(scheduler) -> bool:
+def is_rflow(scheduler: Scheduler) -> bool:
     """True for MONAI's rectified-flow scheduler (x_t = (1 - t/T) x0 + t/T noise, v = x0 - noise)."""
-    return type(scheduler).__name__ == "RFlowScheduler"
+    return isinstance(scheduler, RFlowScheduler)
 
 
-def _ab(scheduler, t: Tensor, like: Tensor) -> Tensor:
+def _ab(scheduler: Scheduler, t: Tensor, like: Tensor) -> Tensor:
     """alpha-bar at timesteps ``t`` shaped to broadcast against ``like``."""
     ab = scheduler.alphas_cumprod.to(like.device)[t.long().to(like.device)]
     return ab.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def _s(scheduler, t: Tensor, like: Tensor) -> Tensor:
+def _s(scheduler: Scheduler, t: Tensor, like: Tensor) -> Tensor:
     """RFlow time in [0, 1] shaped to broadcast against ``like``."""
     s = t.to(like.device, torch.float32) / scheduler.num_train_timesteps
     return s.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def to_x0(scheduler, prediction_type: str, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+def to_x0(scheduler: Scheduler, prediction_type: str, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """The network's output converted to a prediction of the clean sample x̂0."""
     if prediction_type == "sample":
         return output
@@ -58,7 +58,7 @@ def to_x0(scheduler, prediction_type: str, output: Tensor, x_t: Tensor, t: Tenso
     return ab.sqrt() * x_t - (1 - ab).sqrt() * output  # v_prediction
 
 
-def from_x0(scheduler, prediction_type: str, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+def from_x0(scheduler: Scheduler, prediction_type: str, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """The output the scheduler expects, given a (data-consistent) x̂0 (inverse of :func:`to_x0`)."""
     if is_rflow(scheduler):  # the RFlow scheduler always steps with a velocity
         return (x0 - x_t) / _s(scheduler, t, x_t).clamp_min(1e-6)
@@ -71,7 +71,7 @@ def from_x0(scheduler, prediction_type: str, x0: Tensor, x_t: Tensor, t: Tensor)
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
-def training_target(scheduler, prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+def training_target(scheduler: Scheduler, prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """What the network should output for this prediction type."""
     if prediction_type == "sample":
         return x0
@@ -82,7 +82,7 @@ def training_target(scheduler, prediction_type: str, x0: Tensor, noise: Tensor, 
     return scheduler.get_velocity(x0, noise, t)
 
 
-def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler, cond: Tensor, x0: Tensor,
+def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, cond: Tensor, x0: Tensor,
                    generator: torch.Generator) -> Tensor:
     """MSE of the network's prediction at a random noise level; ``x0`` is the clean target in channel form."""
     d = recipe.diffusion
@@ -95,7 +95,8 @@ def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler, cond: Tensor
     return torch.nn.functional.mse_loss(output.float(), target.float())
 
 
-def sampling_timesteps(scheduler, steps: int, strength: float, device: torch.device | str = "cpu") -> Tensor:
+def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float,
+                       device: torch.device | str = "cpu") -> Tensor:
     """``set_timesteps`` for the whole chain, keeping the last ``steps`` (start at ``strength * T``).
 
     DDPM/DDIM timesteps are evenly spaced by ``T // n`` so that the scheduler's own ``prev_timestep``

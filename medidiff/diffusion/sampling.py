@@ -11,26 +11,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 
-from medidiff.diffusion.config import Recipe
-from medidiff.diffusion.process import from_x0, make_scheduler, sampling_timesteps, to_x0
+from medidiff.diffusion.process import Scheduler, from_x0, make_scheduler, sampling_timesteps, to_x0
+from medidiff.recipe import Recipe
+from medidiff.tasks import Operator, from_channels, to_channels
 
 Tensor = torch.Tensor
 
-
-def to_channels(img: Tensor, complex_images: bool) -> Tensor:
-    """(B, H, W) real or complex image → (B, C, H, W) real network channels (C = 2 for complex)."""
-    if complex_images:
-        img = img if img.is_complex() else img.to(torch.complex64)
-        return torch.stack([img.real, img.imag], dim=1)
-    return img.real.unsqueeze(1) if img.is_complex() else img.unsqueeze(1)
+__all__ = ["DataConsistency", "SampleOutput", "from_channels", "padded_call", "sample", "to_channels"]
 
 
-def from_channels(ch: Tensor, complex_images: bool) -> Tensor:
-    """Inverse of :func:`to_channels`."""
-    if complex_images:
-        return torch.complex(ch[:, 0].float(), ch[:, 1].float())
-    return ch[:, 0].float()
+@dataclass(frozen=True)
+class DataConsistency:
+    """Agreement with the measurement, with the operator that made it.
+
+    ``mode``: ``"hard"`` projects onto ``{x : A x = y}``; ``"prox"`` takes the proximal step for a noise level
+    ``noise_sigma`` (normalised units) and ``weight`` (falls back to the projection when ``noise_sigma`` is 0);
+    ``"none"`` leaves the image as it is.
+    """
+
+    operator: Operator
+    mode: str = "hard"
+    noise_sigma: float = 0.0
+    weight: float = 1.0
+
+    @classmethod
+    def from_recipe(cls, operator: Operator, recipe: Recipe, mode: str | None = None,
+                    noise_sigma: float | None = None) -> DataConsistency:
+        """The recipe's (``diffusion.dc``, ``task.noise_sigma``, ``diffusion.dc_weight``) unless overridden."""
+        d = recipe.diffusion
+        return cls(operator, mode or d.dc, recipe.task.noise_sigma if noise_sigma is None else noise_sigma,
+                   d.dc_weight)
+
+    def __call__(self, img: Tensor, y: Tensor) -> Tensor:
+        if self.mode == "none":
+            return img
+        if self.mode == "prox" and self.noise_sigma > 0:
+            return self.operator.prox(img, y, self.noise_sigma, self.weight)
+        return self.operator.project(img, y)
 
 
 @dataclass
@@ -54,41 +73,41 @@ def padded_call(net: torch.nn.Module, inp: Tensor, t: Tensor, multiple: int) -> 
     return out[..., ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
 
 
-def apply_dc(operator, img: Tensor, y: Tensor, mode: str, noise_sigma: float, weight: float) -> Tensor:
-    """Data consistency with the operator that made the measurement."""
-    if mode == "none":
-        return img
-    if mode == "prox" and noise_sigma > 0:
-        return operator.prox(img, y, noise_sigma, weight)
-    return operator.project(img, y)
+def scheduler_step(scheduler: Scheduler, model_output: Tensor, t: Tensor, x: Tensor, next_t: Tensor | None,
+                   generator: torch.Generator | None) -> Tensor:
+    """One reverse step of any of MONAI's schedulers (deterministic DDIM: ``eta=0``)."""
+    if isinstance(scheduler, RFlowScheduler):
+        return scheduler.step(model_output, t, x, next_t)[0]
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(model_output, int(t), x, eta=0.0, generator=generator)[0]
+    return scheduler.step(model_output, int(t), x, generator=generator)[0]
 
 
 @torch.no_grad()
 def sample(
     net: torch.nn.Module,
     recipe: Recipe,
-    operator,
+    operator: Operator,
     y: Tensor,
     *,
     context: Tensor | None = None,
     steps: int | None = None,
     strength: float | None = None,
     samples: int = 1,
-    dc: str | None = None,
-    noise_sigma: float | None = None,
+    dc: DataConsistency | None = None,
     generator: torch.Generator | None = None,
 ) -> SampleOutput:
     """Draw ``samples`` samples per slice for measurements ``y`` (B, ...) in one batch.
 
     ``context``: extra conditioning channels (B, 2 n C, H, W) for 2.5D models (the neighbours' pinv images).
+    ``dc``: the data consistency (default: the recipe's, with ``operator``).
     Returns the mean, the per-voxel standard deviation (K > 1) and the data-consistency residual of the mean.
     """
     d = recipe.diffusion
     cplx = recipe.complex_images
     steps = steps or d.steps
     strength = strength or d.strength
-    dc = dc or d.dc
-    sigma = recipe.task.noise_sigma if noise_sigma is None else noise_sigma
+    dc = dc if dc is not None else DataConsistency.from_recipe(operator, recipe)
     device = next(net.parameters()).device
     caller_device = y.device  # results go back where the measurement came from (CPU stacks, CUDA model)
     y = y.to(device)
@@ -114,22 +133,17 @@ def sample(
         output = padded_call(net, torch.cat([x, cond], dim=1), t_batch, recipe.size_multiple).float()
         x0 = to_x0(scheduler, d.prediction_type, output, x, t_batch)
         img = from_channels(x0, cplx) + (base_k if residual else 0)
-        img = apply_dc(operator, img, y_k, dc, sigma, d.dc_weight)
+        img = dc(img, y_k)
         x0 = to_channels(img - base_k if residual else img, cplx)
         model_output = from_x0(scheduler, d.prediction_type, x0, x, t_batch)
-        if type(scheduler).__name__ == "RFlowScheduler":
-            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x, _ = scheduler.step(model_output, t, x, nxt)
-        elif type(scheduler).__name__ == "DDIMScheduler":
-            x, _ = scheduler.step(model_output, int(t), x, eta=0.0, generator=generator)
-        else:
-            x, _ = scheduler.step(model_output, int(t), x, generator=generator)
+        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        x = scheduler_step(scheduler, model_output, t, x, next_t, generator)
 
     stacked = img.reshape(-1, k, *img.shape[1:])
     mean = stacked.mean(dim=1)
     std = stacked.abs().std(dim=1) if k > 1 else None
     if k > 1:  # the mean of data-consistent samples is data-consistent for hard DC (a linear constraint)
-        mean = apply_dc(operator, mean, y, dc, sigma, d.dc_weight)
+        mean = dc(mean, y)
     return SampleOutput(
         mean=mean.to(caller_device),
         std=None if std is None else std.to(caller_device),

@@ -12,17 +12,25 @@ import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from medidiff.diffusion.config import Recipe, recipe_from_dict
-from medidiff.diffusion.pairs import PatchSampler, fingerprint, training_pairs, validation_pairs
-from medidiff.diffusion.process import diffusion_loss, make_scheduler
+from medidiff import __version__
+from medidiff.data.pairs import PatchSampler, SlicePair, fingerprint, training_pairs, validation_pairs
+from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
+from medidiff.evaluation.metrics import all_metrics
+from medidiff.models import build_model, load_model, save_checkpoint
+from medidiff.recipe import Recipe, recipe_from_dict
+from medidiff.tasks import task_operator
+from medidiff.tracking import Tracker, tracking_run
 
 Tensor = torch.Tensor
 
@@ -53,8 +61,6 @@ def _dist_setup(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -86,12 +92,9 @@ def _panel(a: np.ndarray, vmax: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def validate(net: torch.nn.Module, recipe: Recipe, pairs: list, device: torch.device,
+def validate(net: torch.nn.Module, recipe: Recipe, pairs: list[SlicePair], device: torch.device,
              steps: int, seed: int) -> tuple[dict[str, float], np.ndarray | None]:
     """Model vs degraded baseline on held-out slices (few DDIM steps, DC on); returns metrics and a grid image."""
-    from medidiff.diffusion.pairs import task_operator
-    from medidiff.evaluation.metrics import all_metrics
-
     net.eval()
     rows: list[dict[str, float]] = []
     grid = None
@@ -118,6 +121,143 @@ def validate(net: torch.nn.Module, recipe: Recipe, pairs: list, device: torch.de
     return metrics, grid
 
 
+@dataclass
+class _State:
+    """Everything a checkpoint restores: weights, EMA, optimiser, generators, step and MLflow run."""
+
+    net: torch.nn.Module
+    ema: AveragedModel
+    opt: torch.optim.Optimizer
+    data_gen: torch.Generator
+    noise_gen: torch.Generator
+    step: int = 0
+    run_id: str | None = None
+
+
+def _set_up(recipe: Recipe, dev: torch.device, rank: int, init_from: str | Path | None,
+            resume: bool) -> _State:
+    """A seeded network (or another model's weights to fine-tune), its EMA, optimiser and generators."""
+    tr = recipe.train
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(tr.seed)
+        net = build_model(recipe)
+    if init_from is not None and not resume:  # fine-tune: start from another model's weights (same network)
+        start = load_model(init_from)
+        if start.recipe.model != recipe.model:
+            raise RuntimeError(f"{init_from}: its network settings differ from the recipe's; "
+                               "cannot start from it")
+        net.load_state_dict(start.net.state_dict())
+    net = net.to(dev)
+    return _State(
+        net=net,
+        ema=AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay)),
+        opt=torch.optim.AdamW(net.parameters(), lr=tr.lr, weight_decay=tr.weight_decay),
+        data_gen=torch.Generator().manual_seed(tr.seed * 1_000_003 + rank),
+        noise_gen=torch.Generator(device=dev).manual_seed(tr.seed * 7_919 + 17 + rank),
+    )
+
+
+def _resume(state: _State, recipe: Recipe, ckpt_dir: Path, dev: torch.device, rank: int) -> Recipe:
+    """Restore ``state`` from ``ckpt_dir`` exactly; returns the checkpoint's recipe (warns if it differs)."""
+    from safetensors.torch import load_file
+
+    if not (ckpt_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: nothing to resume (no checkpoint/config.json)")
+    cfg = json.loads((ckpt_dir / "config.json").read_text())
+    saved = recipe_from_dict(cfg["recipe"], str(ckpt_dir / "config.json"))
+    if saved.to_dict() != recipe.to_dict():
+        warnings.warn(f"{ckpt_dir}: the recipe differs from the one the checkpoint was trained with; "
+                      "resuming with the checkpoint's recipe", stacklevel=3)
+        recipe = saved
+    tensors = load_file(str(ckpt_dir / "train_state.safetensors"), device="cpu")
+    state.net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+    state.ema.load_state_dict({k[len("ema."):]: v.to(dev) for k, v in tensors.items()
+                               if k.startswith("ema.")})
+    _load_optimizer(state.opt, {k: v.to(dev) for k, v in tensors.items()}, cfg["optimizer"])
+
+    def rng(kind: str) -> torch.Tensor:  # this rank's state, else rank 0's (resuming on fewer/more ranks)
+        return tensors.get(f"rng.{kind}.{rank}", tensors[f"rng.{kind}.0"])
+
+    state.data_gen.set_state(rng("data"))
+    try:  # fails only when resuming on another device type than the checkpoint was written on
+        state.noise_gen.set_state(rng("noise"))
+    except RuntimeError:
+        warnings.warn(f"{ckpt_dir}: noise RNG state is from another device type; reseeded", stacklevel=3)
+    state.step, state.run_id = int(cfg["step"]), cfg.get("run_id")
+    return recipe
+
+
+def _rng_states(state: _State, world: int) -> dict[str, torch.Tensor]:
+    """Every rank's generator states (collective under DDP: all ranks must call it)."""
+    mine = (state.data_gen.get_state(), state.noise_gen.get_state().cpu())
+    if world == 1:
+        states = [mine]
+    else:
+        states = [None] * world
+        dist.all_gather_object(states, mine)
+    out = {}
+    for r, (d_state, n_state) in enumerate(states):
+        out[f"rng.data.{r}"], out[f"rng.noise.{r}"] = d_state, n_state
+    return out
+
+
+def _save(directory: Path, state: _State, recipe: Recipe, info: dict[str, Any],
+          rngs: dict[str, torch.Tensor] | None = None) -> None:
+    """The EMA model into ``directory`` (+ the full training state when ``rngs`` are given: ``--resume``)."""
+    extra: dict[str, Any] = {"step": state.step, **info}
+    if rngs is not None:
+        tensors, groups = _optimizer_tensors(state.opt)
+        tensors.update({f"net.{k}": v for k, v in state.net.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+        tensors.update(rngs)
+        extra.update(tensors=tensors, optimizer=groups)
+    save_checkpoint(directory, state.ema.module, recipe, **extra)
+
+
+def _train_step(state: _State, model: torch.nn.Module, recipe: Recipe, scheduler: Scheduler,
+                sampler: PatchSampler, batch_size: int, dev: torch.device,
+                use_amp: bool) -> tuple[float, float]:
+    """One optimiser step (warm-up learning rate, bf16 autocast, clipping, EMA); returns (loss, grad norm)."""
+    tr = recipe.train
+    for group in state.opt.param_groups:
+        group["lr"] = tr.lr * min(1.0, (state.step + 1) / max(1, tr.warmup_steps))
+    cond, x0 = sampler.batch(batch_size, state.data_gen)
+    cond, x0 = cond.to(dev, non_blocking=True), x0.to(dev, non_blocking=True)
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss = diffusion_loss(model, recipe, scheduler, cond, x0, state.noise_gen)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), tr.grad_clip)
+    state.opt.step()
+    state.ema.update_parameters(state.net)
+    state.step += 1
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value} at step {state.step}; lower train.lr")
+    return value, float(grad_norm)
+
+
+def _out_of_time(recipe: Recipe, t0: float, world: int, dev: torch.device) -> bool:
+    """``train.max_minutes`` spent (agreed by all ranks, which must stop together)."""
+    max_minutes = recipe.train.max_minutes
+    out = max_minutes > 0 and (time.perf_counter() - t0) > 60 * max_minutes
+    if world > 1 and max_minutes > 0:
+        flag = torch.tensor([float(out)], device=dev)
+        dist.all_reduce(flag)
+        out = bool(flag.item() > 0)
+    return out
+
+
+def _progress_bar(recipe: Recipe, total_steps: int, step: int):
+    """A rich progress bar (started) and its task id."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]train {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    progress.start()
+    return progress, progress.add_task("train", total=total_steps, completed=step, name=recipe.name, loss="-")
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path,
@@ -130,65 +270,24 @@ def train(
     init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a model from a recipe into ``out_dir``; see the module docstring for the layout."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from medidiff import __version__
-    from medidiff.models import build_model, save_checkpoint
-    from medidiff.tracking import tracking_run
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    tr = recipe.train
-    dev = resolve_device(device or tr.device)
+    dev = resolve_device(device or recipe.train.device)
     rank, world = _dist_setup(dev)
     main = rank == 0
-    total_steps = int(max_steps or tr.steps)
-    batch_size = tr.batch_size_gpu if dev.type == "cuda" else tr.batch_size
-    use_amp = tr.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    total_steps = int(max_steps or recipe.train.steps)
+    batch_size = recipe.train.batch_size_gpu if dev.type == "cuda" else recipe.train.batch_size
+    use_amp = recipe.train.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
-        torch.manual_seed(tr.seed)
-        net = build_model(recipe)
-    if init_from is not None and not resume:  # fine-tune: start from another model's weights (same network)
-        from medidiff.models import load_model
-
-        start = load_model(init_from)
-        if start.recipe.model != recipe.model:
-            raise RuntimeError(f"{init_from}: its network settings differ from the recipe's; cannot start from it")
-        net.load_state_dict(start.net.state_dict())
-    net = net.to(dev)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay))
-    opt = torch.optim.AdamW(net.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
-    data_gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + rank)
-    noise_gen = torch.Generator(device=dev).manual_seed(tr.seed * 7_919 + 17 + rank)
-    step, run_id = 0, None
-
+    state = _set_up(recipe, dev, rank, init_from, resume)
     ckpt_dir = out_dir / "checkpoint"
     if resume:
-        if not (ckpt_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{ckpt_dir}: nothing to resume (no checkpoint/config.json)")
-        from safetensors.torch import load_file
-
-        cfg = json.loads((ckpt_dir / "config.json").read_text())
-        saved = recipe_from_dict(cfg["recipe"], str(ckpt_dir / "config.json"))
-        if saved.to_dict() != recipe.to_dict():
-            warnings.warn(f"{ckpt_dir}: the recipe differs from the one the checkpoint was trained with; "
-                          "resuming with the checkpoint's recipe", stacklevel=2)
-            recipe = saved
-        state = load_file(str(ckpt_dir / "train_state.safetensors"), device="cpu")
-        net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-        ema.load_state_dict({k[len("ema."):]: v.to(dev) for k, v in state.items() if k.startswith("ema.")})
-        _load_optimizer(opt, {k: v.to(dev) for k, v in state.items()}, cfg["optimizer"])
-        data_gen.set_state(state[f"rng.data.{rank}"] if f"rng.data.{rank}" in state else state["rng.data.0"])
-        try:  # fails only when resuming on another device type than the checkpoint was written on
-            noise_gen.set_state(state[f"rng.noise.{rank}"] if f"rng.noise.{rank}" in state else state["rng.noise.0"])
-        except RuntimeError:
-            warnings.warn(f"{ckpt_dir}: noise RNG state is from another device type; reseeded", stacklevel=2)
-        step, run_id = int(cfg["step"]), cfg.get("run_id")
-
-    model: torch.nn.Module = net
+        recipe = _resume(state, recipe, ckpt_dir, dev, rank)
+    tr = recipe.train
+    model: torch.nn.Module = state.net
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        ids = [dev.index] if dev.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(state.net, device_ids=ids)
 
     pairs = training_pairs(recipe)
     sampler = PatchSampler(recipe, pairs)
@@ -198,101 +297,46 @@ def train(
     if dev.type == "cuda":
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dev)
 
-    def rng_states() -> dict[str, Tensor]:
-        """Every rank's generator states (collective under DDP: all ranks must call it)."""
-        mine = (data_gen.get_state(), noise_gen.get_state().cpu())
-        if world == 1:
-            states = [mine]
-        else:
-            import torch.distributed as dist
-
-            states = [None] * world
-            dist.all_gather_object(states, mine)
-        out = {}
-        for r, (d_state, n_state) in enumerate(states):
-            out[f"rng.data.{r}"], out[f"rng.noise.{r}"] = d_state, n_state
-        return out
-
-    def save(directory: Path, val_metrics: dict[str, float], with_state: bool,
-             rngs: dict[str, Tensor] | None = None) -> None:
-        extra: dict[str, Any] = {"step": step, "data_fingerprint": data_fp, "val": val_metrics,
-                                 "world_size": world, "device": dev.type, "run_id": tracker.run_id,
-                                 "train_seconds": round(time.perf_counter() - t0, 1)}
-        if with_state:
-            tensors, groups = _optimizer_tensors(opt)
-            tensors.update({f"net.{k}": v for k, v in net.state_dict().items()})
-            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            tensors.update(rngs or rng_states())
-            extra.update(tensors=tensors, optimizer=groups)
-        save_checkpoint(directory, ema.module, recipe, **extra)
-
-    params = {**recipe.to_dict(), "runtime": {"device": dev.type, "world_size": world, "batch_size": batch_size,
-                                              "bf16_autocast": use_amp, "total_steps": total_steps,
-                                              "package_version": __version__, "data_fingerprint": data_fp,
-                                              "train_slices": len(pairs),
-                                              "parameters": sum(p.numel() for p in net.parameters())}}
-    from contextlib import nullcontext
-
+    runtime = {"device": dev.type, "world_size": world, "batch_size": batch_size, "bf16_autocast": use_amp,
+               "total_steps": total_steps, "package_version": __version__, "data_fingerprint": data_fp,
+               "train_slices": len(pairs), "parameters": sum(p.numel() for p in state.net.parameters())}
+    params = {**recipe.to_dict(), "runtime": runtime}
     ctx = tracking_run("train", run_name=recipe.name, tracking_uri=tracking_uri, params=params,
-                       resume_run_id=run_id) if main else nullcontext(None)
+                       resume_run_id=state.run_id) if main else nullcontext(None)
     val_metrics: dict[str, float] = {}
     with ctx as tracker_or_none:
-        from medidiff.tracking import Tracker
-
         tracker = tracker_or_none or Tracker()
-        progress = None
-        if main and show_progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = Progress(TextColumn("[bold]train {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-            progress.start()
-            bar = progress.add_task("train", total=total_steps, completed=step, name=recipe.name, loss="-")
-        net.train()
+        def info() -> dict[str, Any]:
+            return {"data_fingerprint": data_fp, "val": val_metrics, "world_size": world, "device": dev.type,
+                    "run_id": tracker.run_id, "train_seconds": round(time.perf_counter() - t0, 1)}
+
+        progress, bar = _progress_bar(recipe, total_steps, state.step) if main and show_progress else (None, None)
+        state.net.train()
         losses: list[float] = []
         try:
-            while step < total_steps:
-                for group in opt.param_groups:
-                    group["lr"] = tr.lr * min(1.0, (step + 1) / max(1, tr.warmup_steps))
-                cond, x0 = sampler.batch(batch_size, data_gen)
-                cond, x0 = cond.to(dev, non_blocking=True), x0.to(dev, non_blocking=True)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = diffusion_loss(model, recipe, scheduler, cond, x0, noise_gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tr.grad_clip)
-                opt.step()
-                ema.update_parameters(net)
-                step += 1
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower train.lr")
+            while state.step < total_steps:
+                loss, grad_norm = _train_step(state, model, recipe, scheduler, sampler, batch_size, dev, use_amp)
+                losses.append(loss)
+                step = state.step
                 if main and (step % tr.log_every == 0 or step == total_steps):
                     tracker.log_metrics({"train/loss": float(np.mean(losses[-tr.log_every:])),
-                                         "train/grad_norm": float(grad_norm), "train/lr": opt.param_groups[0]["lr"]},
+                                         "train/grad_norm": grad_norm, "train/lr": state.opt.param_groups[0]["lr"]},
                                         step=step)
                 if progress is not None:
                     progress.update(bar, completed=step, loss=f"{np.mean(losses[-tr.log_every:]):.4f}")
-                out_of_time = tr.max_minutes > 0 and (time.perf_counter() - t0) > 60 * tr.max_minutes
-                if world > 1 and tr.max_minutes > 0:  # all ranks must stop together
-                    import torch.distributed as dist
-
-                    flag = torch.tensor([float(out_of_time)], device=dev)
-                    dist.all_reduce(flag)
-                    out_of_time = bool(flag.item() > 0)
+                out_of_time = _out_of_time(recipe, t0, world, dev)
                 last = step == total_steps or out_of_time
                 if main and (step % tr.val_every == 0 or last) and val_pairs:
-                    val_metrics, grid = validate(ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed)
+                    val_metrics, grid = validate(state.ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed)
                     tracker.log_metrics(val_metrics, step=step)
                     if grid is not None:
                         tracker.log_image(grid, f"samples/step_{step:06d}.png")
                 if step % tr.ckpt_every == 0 or last:
-                    rngs = rng_states()
+                    rngs = _rng_states(state, world)
                     if main:
-                        save(ckpt_dir, val_metrics, with_state=True, rngs=rngs)
+                        _save(ckpt_dir, state, recipe, info(), rngs=rngs)
                 if world > 1:
-                    import torch.distributed as dist
-
                     dist.barrier()
                 if out_of_time:
                     break
@@ -301,16 +345,14 @@ def train(
                 progress.stop()
         model_dir = out_dir / "model"
         if main:
-            save(model_dir, val_metrics, with_state=False)
-            tracker.log_metrics({"train/seconds": time.perf_counter() - t0}, step=step)
+            _save(model_dir, state, recipe, info())
+            tracker.log_metrics({"train/seconds": time.perf_counter() - t0}, step=state.step)
             tracker.log_artifact(model_dir, "model")
             if tr.register_as:
                 tracker.register_model("model", tr.register_as)
         run = tracker.run_id
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(out_dir=out_dir, model_dir=model_dir, step=step, run_id=run,
+    return TrainResult(out_dir=out_dir, model_dir=model_dir, step=state.step, run_id=run,
                        seconds=time.perf_counter() - t0, val=val_metrics)

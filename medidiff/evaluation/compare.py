@@ -9,6 +9,7 @@ all with the fastMRI-convention metrics and returns one row per (scan, method).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.baselines.interpolation import plane_axes_from_shapes, upsample_volume
+from medidiff.baselines.recon import DEFAULT_CS_ITERS, _calib_width, compressed_sensing, zero_filled
+from medidiff.baselines.unet import load_unet, unet_enhance_kspace, unet_enhance_volume
+from medidiff.data.shipped import real_evaluation_volumes, real_training_volumes
+from medidiff.data.synth import synth_subject
 from medidiff.evaluation.metrics import all_metrics
+from medidiff.evaluation.tuning import tune_cs_lambda
+from medidiff.io.kspace import KSpaceData, read_kspace
+from medidiff.io.nifti import read_nifti
 from medidiff.io.volume import Volume
+from medidiff.models import default_model, load_model
+from medidiff.physics.fft import fft2c_np
+from medidiff.physics.masks import make_mask
+from medidiff.physics.operators import KSpaceTruncation
+from medidiff.physics.simulate import simulate_recon
 
 __all__ = [
     "RECON_ACCELERATION",
@@ -51,7 +65,6 @@ class EvaluationError(ValueError):
 @dataclass
 class Case:
     """One held-out scan: reference plus degraded input (``lr`` for SR, ``kspace`` for recon)."""
-
     name: str
     reference: Volume
     lr: Volume | None = None
@@ -61,15 +74,11 @@ class Case:
     @property
     def sr_axes(self) -> tuple[int, ...]:
         """The array axes that were downsampled (SR) — inferred from the shapes."""
-        from medidiff.baselines.interpolation import plane_axes_from_shapes
-
         return plane_axes_from_shapes(self.lr.shape, self.reference.shape)[0]
 
     @property
     def sr_factor(self) -> int:
         """The SR factor inferred from the shapes."""
-        from medidiff.baselines.interpolation import plane_axes_from_shapes
-
         return plane_axes_from_shapes(self.lr.shape, self.reference.shape)[1]
 
     @property
@@ -84,7 +93,6 @@ class Case:
 @dataclass
 class Method:
     """A named method: ``run(case) -> (image Volume on the reference grid, extra numbers)``."""
-
     name: str
     run: Callable[[Case], tuple[Volume, dict[str, float]]]
     family: str = "baseline"  # 'baseline' | 'learned' | 'medidiff'
@@ -96,8 +104,6 @@ class Method:
 
 def load_cases(data_dir: str | Path, task: str) -> list[Case]:
     """Pair ``<stem>_lr.nii.gz`` (sr) or ``<stem>_kspace.h5`` (recon) with ``<stem>_ref.nii.gz`` in a folder."""
-    from medidiff.io.nifti import read_nifti
-
     root = Path(data_dir)
     if task not in TASKS:
         raise EvaluationError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -123,7 +129,6 @@ def load_cases(data_dir: str | Path, task: str) -> list[Case]:
             except ValueError as exc:
                 raise EvaluationError(f"{inp}: {exc}") from None
         else:
-            from medidiff.io.kspace import read_kspace
 
             data = read_kspace(inp)
             if data.image_shape != reference.shape:
@@ -143,7 +148,6 @@ def degrade_sr_inplane(vol: Volume, factor: int = SR_FACTOR) -> tuple[Volume, Vo
     """
     import torch
 
-    from medidiff.physics.operators import KSpaceTruncation
 
     h, w = (vol.shape[0] // factor) * factor, (vol.shape[1] // factor) * factor
     ref = vol.with_array(np.ascontiguousarray(vol.array[:h, :w]))
@@ -158,10 +162,6 @@ def degrade_recon(
     mask_kind: str = RECON_MASK_KIND, seed: int = 0,
 ) -> tuple[Any, Volume]:
     """(single-coil KSpaceData, reference): each slice along axis 2 Fourier transformed and masked."""
-    from medidiff.io.kspace import KSpaceData
-    from medidiff.physics.fft import fft2c_np
-    from medidiff.physics.masks import make_mask
-
     stack = np.moveaxis(vol.array, 2, 0)
     mask = make_mask(mask_kind, stack.shape[1:], acceleration, center_fraction, seed)
     ksp = (fft2c_np(stack) * mask.full()).astype(np.complex64)
@@ -171,8 +171,6 @@ def degrade_recon(
 
 def shipped_cases(task: str, seed: int = 0) -> list[Case]:
     """The held-out real evaluation volumes, degraded on the fly (SR ×2 truncation; recon ×4 equispaced 8 %)."""
-    from medidiff.data.shipped import real_evaluation_volumes
-
     cases = []
     for i, (name, vol) in enumerate(real_evaluation_volumes()):
         if task == "sr":
@@ -204,7 +202,6 @@ def _mask_settings(data) -> tuple[float, float, str]:
     cf = meta.get("center_fraction")
     kind = str(meta.get("mask_kind", RECON_MASK_KIND))
     if data.mask is not None and (accel is None or cf is None):
-        from medidiff.baselines.recon import _calib_width
 
         w = data.kspace.shape[-1]
         full = np.broadcast_to(data.mask, data.kspace.shape[-2:])
@@ -215,12 +212,9 @@ def _mask_settings(data) -> tuple[float, float, str]:
 
 def _tuning_volumes(n_volumes: int, seed: int) -> list[Volume]:
     """Real training volumes (never the evaluation set) topped up with synthetic subjects."""
-    from medidiff.data.shipped import real_training_volumes
-
     vols = [v for _, v in real_training_volumes()]
     vols = [v for v in vols if min(s for i, s in enumerate(v.shape) if i != v.slice_axis) >= 64]
     if len(vols) < n_volumes:
-        from medidiff.data.synth import synth_subject
 
         vols += [synth_subject(seed + k) for k in range(n_volumes - len(vols))]
     return vols[:n_volumes]
@@ -237,9 +231,6 @@ def cs_tuning_set(
     replaces the default pool (real training volumes, then synthetic subjects). Returns
     ``(KSpaceData, reference (H, W, S))`` pairs.
     """
-    from medidiff.io.kspace import KSpaceData
-    from medidiff.physics.fft import fft2c_np
-    from medidiff.physics.masks import make_mask
 
     accel, cf, kind = _mask_settings(like)
     coils = int(like.kspace.shape[1]) if like.kspace.ndim == 4 else 1
@@ -248,7 +239,6 @@ def cs_tuning_set(
     for k, vol in enumerate(vols):
         part = _take_slices(vol, slices_per_volume)
         if coils > 1:
-            from medidiff.physics.simulate import simulate_recon
 
             data, ref = simulate_recon(part, accel, cf, kind, coils, seed + k)
             pairs.append((data, ref.array))
@@ -265,9 +255,6 @@ def cs_tuning_set(
 
 def _sr_baseline(kind: str) -> Callable[[Case], tuple[Volume, dict[str, float]]]:
     """Sinc or bicubic in-plane upsampling of the case's low-resolution volume."""
-    import medidiff.physics.operators  # noqa: F401  (imported now so that its import time is not timed)
-    from medidiff.baselines.interpolation import upsample_volume
-
     def run(case: Case) -> tuple[Volume, dict[str, float]]:
         if len(case.sr_axes) != 2:
             raise EvaluationError(f"{case.name}: {kind} needs in-plane (two-axis) SR data, got axes {case.sr_axes}")
@@ -278,8 +265,6 @@ def _sr_baseline(kind: str) -> Callable[[Case], tuple[Volume, dict[str, float]]]
 
 def _unet_method(model_dir: str | Path, task: str, device: str) -> Method:
     """The regression U-Net checkpoint in ``model_dir``: one forward pass from the back-projection."""
-    from medidiff.baselines.unet import load_unet, unet_enhance_kspace, unet_enhance_volume
-
     model = load_unet(model_dir, device=device)
     if model.task != task:
         raise EvaluationError(f"{model_dir}: regression U-Net was trained for task {model.task!r}, not {task!r}")
@@ -307,8 +292,6 @@ def _without_dc(func: Callable, model: Any) -> tuple[Any, dict[str, Any]]:
     Uses a ``dc`` keyword of ``enhance_*`` when it has one; otherwise the model's recipe is copied with
     ``diffusion.dc = "none"`` (the sampler reads its DC mode from the recipe), leaving the weights alone.
     """
-    import dataclasses
-
     params = inspect.signature(func).parameters
     for name in ("dc", "data_consistency", "dc_mode"):
         if name in params:
@@ -321,11 +304,9 @@ def _without_dc(func: Callable, model: Any) -> tuple[Any, dict[str, Any]]:
     return dataclasses.replace(model, recipe=no_dc), {}
 
 
-def _medidiff_method(task: str, model: Any, steps: int, dc: bool, seed: int) -> Method:
-    """medidiff (``enhance_volume`` / ``enhance_kspace``) at ``steps`` steps, with or without DC."""
-    from medidiff.pipeline import enhance as enhance_mod
-
-    func = enhance_mod.enhance_volume if task == "sr" else enhance_mod.enhance_kspace
+def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool, seed: int) -> Method:
+    """medidiff (``func``: ``enhance_volume`` for sr, ``enhance_kspace`` for recon) at ``steps`` steps,
+    with or without DC."""
     extra: dict[str, Any] = {}
     if not dc:
         model, extra = _without_dc(func, model)
@@ -358,9 +339,13 @@ def build_methods(
     device: str = "cpu",
     seed: int = 0,
     notes: list[str] | None = None,
+    enhance: Callable | None = None,
 ) -> list[Method]:
-    """The requested methods for ``task`` (default: all available); unavailable ones are skipped with a note."""
-    from medidiff.baselines.recon import DEFAULT_CS_ITERS, compressed_sensing, tune_cs_lambda, zero_filled
+    """The requested methods for ``task`` (default: all available); unavailable ones are skipped with a note.
+
+    ``enhance`` is medidiff's enhancement of a case's input (``medidiff.pipeline.enhance.enhance_volume`` for
+    sr, ``enhance_kspace`` for recon), passed in because the pipeline sits above evaluation.
+    """
 
     notes = [] if notes is None else notes
     available = ["sinc", "bicubic"] if task == "sr" else ["zero-filled", "cs"]
@@ -397,6 +382,9 @@ def build_methods(
                 continue
             out.append(_unet_method(path, task, device))
         elif name == "medidiff":
+            if enhance is None:
+                notes.append("medidiff skipped: no enhance function given")
+                continue
             try:
                 loaded = _load_medidiff_model(task, model, device)
             except (ImportError, FileNotFoundError, KeyError, ValueError) as exc:
@@ -408,10 +396,10 @@ def build_methods(
                 notes.append(f"the regression U-Net's training-data fingerprint ({unet_fp}) differs from the "
                              f"medidiff model's ({fp}): retrain one of them so both see the same data")
             for s in steps:
-                out.append(_medidiff_method(task, loaded, int(s), True, seed))
+                out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed))
                 if dc_variant:
                     try:
-                        out.append(_medidiff_method(task, loaded, int(s), False, seed))
+                        out.append(_medidiff_method(enhance, task, loaded, int(s), False, seed))
                     except EvaluationError as exc:
                         notes.append(f"medidiff without DC skipped: {exc}")
     return out
@@ -425,9 +413,6 @@ def _default_unet_dir(task: str) -> Path | None:
 
 def _load_medidiff_model(task: str, model: str | Path | None, device: str = "cpu") -> Any:
     """The diffusion model: ``load_model(model)`` or the shipped default for the task."""
-    import medidiff.pipeline.enhance  # noqa: F401  (fail early with ImportError when not available)
-    from medidiff.models import default_model, load_model
-
     return load_model(model, device=device) if model else default_model(task, device=device)
 
 

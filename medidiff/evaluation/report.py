@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.io.volume import Volume
+from medidiff.tracking import tracking_run
 
 __all__ = [
     "comparison_figure",
@@ -260,8 +261,6 @@ def log_to_mlflow(
     params: Mapping[str, Any], tracking_uri: str | None = None, run_name: str | None = None,
 ) -> str | None:
     """One MLflow run with the parameters, mean metrics per method, tables and figures; returns its id."""
-    from medidiff.tracking import tracking_run
-
     with tracking_run("evaluate", run_name=run_name or f"evaluate-{task}", tracking_uri=tracking_uri,
                       params=dict(params), tags={"task": task}) as tracker:
         metrics = {}

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from medidiff.diffusion.config import Recipe, recipe_from_dict
+from medidiff import __version__
+from medidiff.recipe import Recipe, recipe_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -67,8 +68,6 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, 
     every other key goes into config.json.
     """
     from safetensors.torch import save_file
-
-    from medidiff import __version__
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

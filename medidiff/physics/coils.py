@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medidiff.physics.fft import rss
+
 
 def synthetic_coil_maps(num_coils: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     """Smooth complex maps ``(C, H, W)`` from coils on a ring around the field of view, sum |S|^2 = 1.
@@ -28,7 +30,7 @@ def synthetic_coil_maps(num_coils: int, shape: tuple[int, int], seed: int = 0) -
         )
         maps.append(mag * np.exp(1j * phase))
     maps = np.stack(maps)
-    maps /= np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))
+    maps /= rss(maps, coil_dim=0)[None]
     return maps.astype(np.complex64)
 
 

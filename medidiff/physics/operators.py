@@ -40,7 +40,6 @@ import torch
 
 from medidiff.physics.fft import fft2c, ifft2c
 from medidiff.physics.masks import SamplingMask, apply_mask
-from medidiff.physics.noise import add_noise  # noqa: F401  (re-exported: part of the operators API)
 
 Tensor = torch.Tensor
 

@@ -26,10 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medidiff.diffusion.pairs import neighbour_index, robust_scale, task_operator
-from medidiff.diffusion.sampling import sample, to_channels
+from medidiff.data.pairs import neighbour_index
+from medidiff.diffusion.sampling import SampleOutput, sample
 from medidiff.io import Volume
+from medidiff.models import LoadedModel, default_model, load_model
+from medidiff.physics.coils import espirit_maps
+from medidiff.physics.operators import FourierUndersampling
 from medidiff.physics.simulate import hr_affine
+from medidiff.tasks import Operator, measurement_scale, task_operator, to_channels
 
 Progress = Callable[[int, int], None]
 
@@ -45,9 +49,7 @@ class EnhanceResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _resolve_model(model, task: str):
-    from medidiff.models import LoadedModel, default_model, load_model
-
+def _resolve_model(model: LoadedModel | str | None, task: str) -> LoadedModel:
     if model is None:
         return default_model(task)
     if isinstance(model, LoadedModel):
@@ -92,10 +94,9 @@ class _Runner:
         self.samples = samples
         self.device = next(self.net.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        self.network_evals = 0
 
-    def run(self, op, y: torch.Tensor, stack_y: torch.Tensor | None = None, index: list[int] | None = None,
-            samples: int | None = None):
+    def run(self, op: Operator, y: torch.Tensor, stack_y: torch.Tensor | None = None,
+            index: list[int] | None = None, samples: int | None = None) -> SampleOutput:
         """Sample for measurements ``y``; ``stack_y``/``index`` give neighbours for 2.5D models."""
         n = self.recipe.model.neighbours
         ctx = None
@@ -109,13 +110,11 @@ class _Runner:
         elif n:
             base = op.pinv(y)
             ctx = torch.cat([to_channels(base, self.recipe.complex_images)] * (2 * n), dim=1)
-        out = sample(self.net, self.recipe, op, y, context=ctx, steps=self.steps,
-                     samples=samples or self.samples, generator=self.generator)
-        self.network_evals = out.network_evals
-        return out
+        return sample(self.net, self.recipe, op, y, context=ctx, steps=self.steps,
+                      samples=samples or self.samples, generator=self.generator)
 
 
-def _residual_weight(runner: _Runner, op, refs: torch.Tensor) -> tuple[float, float]:
+def _residual_weight(runner: _Runner, op: Operator, refs: torch.Tensor) -> tuple[float, float]:
     """Self-check: degrade ``refs`` (B, H, W) with ``op``, enhance, fit the weight of the model's residual.
 
     Returns ``(w, gain_db)``: the least-squares weight in [0, 1] and the PSNR gain it gives over the baseline.
@@ -143,11 +142,118 @@ def _check_slices(stack: np.ndarray, count: int) -> np.ndarray:
     return keep[np.linspace(0, len(keep) - 1, count).round().astype(int)]
 
 
+@dataclass
+class SliceStack:
+    """A volume as the 2D images the model sees (``stack``, N × h × w), the way back and the output grid."""
+
+    stack: np.ndarray
+    order: tuple[int, int, int]  # volume axes of the stack's (N, h, w)
+    out_affine: np.ndarray
+
+    def back(self, a: np.ndarray | None) -> np.ndarray | None:
+        """An output stack (N, H, W) back in the volume's axis order."""
+        return None if a is None else np.transpose(a, np.argsort(self.order))
+
+
+def slice_stack(vol: Volume, task: str, factor: int) -> SliceStack:
+    """``sr``: in-plane images along the slice axis; ``sr_thick``: images (Q, Zlr), thick axis last."""
+    arr = np.asarray(vol.array, np.float32)
+    if task == "sr":
+        axis = inplane_slice_axis(vol)
+        other = [a for a in range(3) if a != axis]
+        order = (axis, other[0], other[1])
+        out_affine = hr_affine(vol.affine, factor, other)
+    else:
+        axis = vol.slice_axis
+        other = [a for a in range(3) if a != axis]
+        order = (other[0], other[1], axis)
+        out_affine = hr_affine(vol.affine, factor, (axis,), centred=True)
+    return SliceStack(np.transpose(arr, order), order, out_affine)
+
+
+def _checked_model(model: LoadedModel | str | None, task: str, factor: int | None) -> LoadedModel:
+    """The model to use, refused when it was trained for another task or factor."""
+    if task not in ("sr", "sr_thick"):
+        raise ValueError(f"enhance_volume does super-resolution (task 'sr' or 'sr_thick'), got {task!r}; "
+                         "use enhance_kspace for reconstruction")
+    loaded = _resolve_model(model, task)
+    recipe = loaded.recipe
+    if recipe.task.kind != task:
+        raise ValueError(f"model {loaded.name!r} was trained for task {recipe.task.kind!r}, not {task!r}")
+    f = recipe.task.factor
+    if factor is not None and int(factor) != f:
+        raise ValueError(f"model {loaded.name!r} does factor {f}, not {factor}; "
+                         f"train or pick a model for x{factor}")
+    return loaded
+
+
+def _self_check(runner: _Runner, op: Operator, task: str, stack: np.ndarray, stack_t: torch.Tensor,
+                scale: float) -> tuple[float, float]:
+    """Do no harm: ``(weight, gain_db)`` of the model's residual, fitted on the scan itself."""
+    f, count = runner.recipe.task.factor, runner.recipe.enhance.self_check_slices
+    if task == "sr":
+        idx = _check_slices(stack, count)
+        refs = stack_t[idx]
+        h, w = refs.shape[-2:]
+        refs = refs[..., : h - h % f, : w - w % f]
+    else:  # SMORE: the sharp in-plane direction stands in for the thick one
+        inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
+        idx = _check_slices(inplane, count)
+        refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
+        refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+    if refs.shape[-1] >= 2 * f and refs.shape[-2] >= 2:
+        return _residual_weight(runner, op, refs)
+    return 1.0, float("nan")
+
+
+@dataclass
+class _Outputs:
+    """Output stacks filled batch by batch (input units), and the data-consistency residual sums."""
+
+    enhanced: np.ndarray | None = None
+    baseline: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    dc_num: float = 0.0
+    dc_den: float = 0.0
+
+    def dc_residual_rel(self) -> float:
+        return float(np.sqrt(self.dc_num / self.dc_den)) if self.dc_den > 0 else 0.0
+
+
+def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: float, weight: float,
+                   batch: int, progress: Progress | None) -> _Outputs:
+    """Sample every slice of a normalised stack in batches; blend with the back-projection by ``weight``."""
+    n = len(stack_t)
+    out = _Outputs()
+    for start in range(0, n, batch):
+        index = list(range(start, min(n, start + batch)))
+        y = stack_t[index]
+        res = runner.run(op, y, stack_y=stack_t, index=index)
+        base = op.pinv(y)
+        img = base + weight * (res.mean - base)
+        dc_res = y - op.A(img)
+        out.dc_num += float((dc_res.double() ** 2).sum())
+        out.dc_den += float((y.double() ** 2).sum())
+        if out.enhanced is None:
+            shp = (n, *img.shape[1:])
+            out.enhanced, out.baseline, out.residual = (np.empty(shp, np.float32) for _ in range(3))
+            out.uncertainty = np.empty(shp, np.float32) if runner.samples > 1 else None
+        out.enhanced[index] = img.cpu().numpy() * scale
+        out.baseline[index] = base.cpu().numpy() * scale
+        out.residual[index] = op.pinv(dc_res).cpu().numpy() * scale
+        if out.uncertainty is not None and res.std is not None:
+            out.uncertainty[index] = weight * res.std.cpu().numpy() * scale
+        if progress is not None:
+            progress(index[-1] + 1, n)
+    return out
+
+
 def enhance_volume(
     vol: Volume,
     *,
     task: str = "sr",
-    model=None,
+    model: LoadedModel | str | None = None,
     factor: int | None = None,
     steps: int | None = None,
     samples: int = 1,
@@ -157,98 +263,40 @@ def enhance_volume(
     self_check: bool | None = None,
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis)."""
-    if task not in ("sr", "sr_thick"):
-        raise ValueError(f"enhance_volume does super-resolution (task 'sr' or 'sr_thick'), got {task!r}; "
-                         "use enhance_kspace for reconstruction")
     t0 = time.perf_counter()
-    loaded = _resolve_model(model, task)
+    loaded = _checked_model(model, task, factor)
     recipe = loaded.recipe
-    if recipe.task.kind != task:
-        raise ValueError(f"model {loaded.name!r} was trained for task {recipe.task.kind!r}, not {task!r}")
     f = recipe.task.factor
-    if factor is not None and int(factor) != f:
-        raise ValueError(f"model {loaded.name!r} does factor {f}, not {factor}; train or pick a model for x{factor}")
-    check = recipe.enhance.self_check if self_check is None else self_check
     op = task_operator(recipe.task)
     runner = _Runner(loaded, steps, samples, seed)
-
-    arr = np.asarray(vol.array, np.float32)
-    if task == "sr":  # in-plane images, slices along the slice axis
-        axis = inplane_slice_axis(vol)
-        other = [a for a in range(3) if a != axis]
-        stack = np.transpose(arr, (axis, other[0], other[1]))
-        out_affine = hr_affine(vol.affine, f, other)
-    else:  # thick axis last in the image: images (Q, Zlr) for each P
-        axis = vol.slice_axis
-        other = [a for a in range(3) if a != axis]
-        stack = np.transpose(arr, (other[0], other[1], axis))
-        out_affine = hr_affine(vol.affine, f, (axis,), centred=True)
+    st = slice_stack(vol, task, f)
+    stack = st.stack
     out_pixels = stack.shape[1] * stack.shape[2] * (f * f if task == "sr" else f)  # one output image
     batch = slices_per_batch(batch_slices, recipe.enhance.batch_slices, out_pixels)
-    scale = robust_scale(stack)
+    scale = measurement_scale(task, stack)
     stack_t = torch.from_numpy(np.ascontiguousarray(stack)) / scale
 
-    weight, gain = 1.0, float("nan")
-    if check:
-        if task == "sr":
-            idx = _check_slices(stack, recipe.enhance.self_check_slices)
-            refs = stack_t[idx]
-            h, w = refs.shape[-2:]
-            refs = refs[..., : h - h % f, : w - w % f]
-        else:  # SMORE: the sharp in-plane direction stands in for the thick one
-            inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
-            idx = _check_slices(inplane, recipe.enhance.self_check_slices)
-            refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
-            refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
-        if refs.shape[-1] >= 2 * f and refs.shape[-2] >= 2:
-            weight, gain = _residual_weight(runner, op, refs)
-
-    n = len(stack_t)
-    enhanced = baseline = residual = uncertainty = None
-    dc_num = dc_den = 0.0
-    for start in range(0, n, batch):
-        index = list(range(start, min(n, start + batch)))
-        y = stack_t[index]
-        res = runner.run(op, y, stack_y=stack_t, index=index)
-        base = op.pinv(y)
-        img = base + weight * (res.mean - base)
-        dc_res = y - op.A(img)
-        dc_num += float((dc_res.double() ** 2).sum())
-        dc_den += float((y.double() ** 2).sum())
-        if enhanced is None:
-            shp = (n, *img.shape[1:])
-            enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))
-            uncertainty = np.empty(shp, np.float32) if samples > 1 else None
-        enhanced[index] = img.cpu().numpy() * scale
-        baseline[index] = base.cpu().numpy() * scale
-        residual[index] = op.pinv(dc_res).cpu().numpy() * scale
-        if uncertainty is not None and res.std is not None:
-            uncertainty[index] = weight * res.std.cpu().numpy() * scale
-        if progress is not None:
-            progress(index[-1] + 1, n)
-
-    def back(a: np.ndarray | None) -> np.ndarray | None:
-        if a is None:
-            return None
-        order = (axis, other[0], other[1]) if task == "sr" else (other[0], other[1], axis)
-        return np.transpose(a, np.argsort(order))
+    check = recipe.enhance.self_check if self_check is None else self_check
+    weight, gain = _self_check(runner, op, task, stack, stack_t, scale) if check else (1.0, float("nan"))
+    out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress)
 
     meta = {"description": f"medidiff {task} x{f}", "derived_by": f"medidiff {loaded.name}"}
     metrics = {
-        "dc_residual_rel": float(np.sqrt(dc_num / dc_den)) if dc_den > 0 else 0.0,
-        "mean_uncertainty": float(uncertainty.mean()) if uncertainty is not None else 0.0,
+        "dc_residual_rel": out.dc_residual_rel(),
+        "mean_uncertainty": float(out.uncertainty.mean()) if out.uncertainty is not None else 0.0,
         "network_evals": float(runner.steps),
         "samples": float(samples),
         "residual_weight": float(weight),
         "self_check_gain_db": gain,
         "seconds": time.perf_counter() - t0,
     }
-    unc = back(uncertainty)
+    unc = st.back(out.uncertainty)
+    grid = st.out_affine
     return EnhanceResult(
-        enhanced=vol.with_array(back(enhanced), out_affine, **meta),
-        uncertainty=None if unc is None else vol.with_array(unc, out_affine, description="medidiff uncertainty (std)"),
-        residual=vol.with_array(back(residual), out_affine, description="medidiff data-consistency residual"),
-        baseline=vol.with_array(back(baseline), out_affine, description="operator back-projection (before)"),
+        enhanced=vol.with_array(st.back(out.enhanced), grid, **meta),
+        uncertainty=None if unc is None else vol.with_array(unc, grid, description="medidiff uncertainty (std)"),
+        residual=vol.with_array(st.back(out.residual), grid, description="medidiff data-consistency residual"),
+        baseline=vol.with_array(st.back(out.baseline), grid, description="operator back-projection (before)"),
         metrics=metrics,
     )
 
@@ -265,9 +313,6 @@ def _kspace_mask(data) -> np.ndarray:
 def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int = 1, seed: int = 0,
                    progress: Progress | None = None, batch_slices: int | None = None) -> EnhanceResult:
     """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S)."""
-    from medidiff.physics.fft import ifft2c
-    from medidiff.physics.operators import FourierUndersampling
-
     t0 = time.perf_counter()
     loaded = _resolve_model(model, "recon")
     recipe = loaded.recipe
@@ -279,16 +324,12 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
     runner = _Runner(loaded, steps, samples, seed)
     batch = 1 if multicoil else slices_per_batch(batch_slices, recipe.enhance.batch_slices, k.shape[-2] * k.shape[-1])
 
-    def operator_for(s: int):
+    def operator_for(s: int) -> FourierUndersampling:
         if not multicoil:
             return FourierUndersampling(mask)
-        from medidiff.physics.coils import espirit_maps
-
         return FourierUndersampling(mask, sens_maps=espirit_maps(data.kspace[s]))
 
-    zero_filled = ifft2c(k)
-    zf_mag = zero_filled.abs().pow(2).sum(1).sqrt() if multicoil else zero_filled.abs()
-    scale = robust_scale(zf_mag)
+    scale = measurement_scale("recon", k, coil_dim=1 if multicoil else None)
     n = k.shape[0]
     shp = (n, *k.shape[-2:])
     enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))

@@ -14,8 +14,9 @@ from medidiff.baselines.interpolation import (
     sinc_upsample,
     upsample_volume,
 )
-from medidiff.baselines.recon import compressed_sensing, tune_cs_lambda, zero_filled
+from medidiff.baselines.recon import compressed_sensing, zero_filled
 from medidiff.evaluation.metrics import psnr
+from medidiff.evaluation.tuning import tune_cs_lambda
 from medidiff.io.kspace import KSpaceData
 from medidiff.io.volume import Volume
 from medidiff.physics.fft import fft2c_np, ifft2c_np

@@ -17,12 +17,12 @@ from medidiff.baselines.unet import (
     unet_enhance_kspace,
     unet_enhance_volume,
 )
-from medidiff.diffusion.config import recipe_from_dict
 from medidiff.io.kspace import KSpaceData
 from medidiff.io.volume import Volume
 from medidiff.physics.fft import fft2c_np
 from medidiff.physics.masks import make_mask
 from medidiff.physics.operators import KSpaceTruncation
+from medidiff.recipe import recipe_from_dict
 
 SMALL = (8, 8, 16, 16, 16, 8)
 

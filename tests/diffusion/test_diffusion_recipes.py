@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medidiff.diffusion.config import RecipeError, load_recipe, with_overrides
+from medidiff.recipe import RecipeError, load_recipe, with_overrides
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from medidiff.diffusion.config import Recipe, with_overrides
-from medidiff.diffusion.pairs import task_operator
-from medidiff.diffusion.sampling import sample
+from medidiff.diffusion.process import from_x0, make_scheduler, to_x0
+from medidiff.diffusion.sampling import DataConsistency, sample
 from medidiff.models import build_model
+from medidiff.recipe import DiffusionConfig, Recipe, with_overrides
+from medidiff.tasks import task_operator
 
 TINY = {"channels": [8, 8, 16], "num_res_blocks": 1, "norm_num_groups": 8, "num_head_channels": 8}
 
@@ -60,6 +61,29 @@ def test_prox_dc_sits_between_none_and_hard():
     recipe, net, op, y = _setup("recon")
     res = {}
     for mode in ("none", "prox", "hard"):
-        out = sample(net, recipe, op, y, dc=mode, noise_sigma=0.5, generator=torch.Generator().manual_seed(0))
+        dc = DataConsistency(op, mode, noise_sigma=0.5)
+        out = sample(net, recipe, op, y, dc=dc, generator=torch.Generator().manual_seed(0))
         res[mode] = float((op.A(out.mean) - y).abs().norm() / y.abs().norm())
     assert res["hard"] < 1e-3 < res["prox"] < res["none"]
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "rflow"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_to_x0_and_from_x0_invert_each_other(scheduler, prediction_type):
+    """The sampler converts the network output to x̂0 and back; both directions must agree for every
+    scheduler class and parameterisation (RFlow always steps with a velocity, so it is checked for that)."""
+    if scheduler == "rflow" and prediction_type == "epsilon":
+        pytest.skip("rflow with epsilon is rejected by recipe validation")
+    sch = make_scheduler(DiffusionConfig(scheduler=scheduler, prediction_type=prediction_type))
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    out = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 250, 600, 999])
+    x0 = to_x0(sch, prediction_type, out, x_t, t)
+    assert not torch.allclose(x0, out) or prediction_type == "sample"
+    back = from_x0(sch, prediction_type, x0, x_t, t)
+    if scheduler == "rflow" and prediction_type == "sample":  # the scheduler gets the velocity for x0
+        assert torch.allclose(to_x0(sch, "v_prediction", back, x_t, t), x0, atol=1e-9)
+    else:
+        assert torch.allclose(back, out, atol=1e-9)
+        assert torch.allclose(to_x0(sch, prediction_type, back, x_t, t), x0, atol=1e-9)

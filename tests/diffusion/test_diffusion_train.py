@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from medidiff.cli import app
-from medidiff.diffusion.config import load_recipe
 from medidiff.diffusion.train import train
+from medidiff.recipe import load_recipe
 from medidiff.tracking import download_artifacts, metric_history, search_runs
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
@@ -134,7 +134,7 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     """Fine-tuning: with --init-from, step 0 weights are the source model's, and training moves on from there."""
     recipe = load_recipe(SMOKE)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from medidiff.diffusion.config import with_overrides
+    from medidiff.recipe import with_overrides
 
     other_init = with_overrides(recipe, train={"seed": 123})  # a source model with a different initialisation
     train(other_init, tmp_path / "src", max_steps=3, tracking_uri=uri, device="cpu", show_progress=False)
@@ -156,9 +156,9 @@ def test_training_on_a_folder_of_user_scans_alone(tmp_path, monkeypatch):
     """data.folders (relative to the cwd) with no synthetic or shipped data: the model trains on those scans only."""
     import nilearn
 
-    from medidiff.diffusion.config import with_overrides
-    from medidiff.diffusion.pairs import fingerprint, training_pairs
+    from medidiff.data.pairs import fingerprint, training_pairs
     from medidiff.io import Volume, read_nifti, write_nifti
+    from medidiff.recipe import with_overrides
 
     mni = read_nifti(Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     crop = Volume(mni.array[66:130, 84:148, 90:98], mni.affine)  # 64 x 64 x 8 through the brain

@@ -65,8 +65,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _tiny_models(root: Path) -> tuple[Path, Path]:
     """An (untrained) tiny diffusion model and a 2-step regression U-Net for SR x2, as checkpoints."""
     from medidiff.baselines.unet import save_unet, train_regression_unet
-    from medidiff.diffusion.config import recipe_from_dict
     from medidiff.models import build_model, save_checkpoint
+    from medidiff.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({
         "name": "tiny_sr", "task": {"kind": "sr", "factor": 2},

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from medidiff.diffusion.config import load_recipe
 from medidiff.models import (
     DEFAULT_MODELS,
     build_model,
@@ -15,6 +14,7 @@ from medidiff.models import (
     save_checkpoint,
     weights_dir,
 )
+from medidiff.recipe import load_recipe
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 

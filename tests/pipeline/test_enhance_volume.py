@@ -7,12 +7,12 @@ import nilearn
 import numpy as np
 import pytest
 import torch
-from medidiff.physics.simulate import simulate_recon, simulate_sr
 
-from medidiff.diffusion.config import load_recipe, with_overrides
 from medidiff.io import Volume
 from medidiff.models import build_model, load_model, save_checkpoint
+from medidiff.physics.simulate import simulate_recon, simulate_sr
 from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+from medidiff.recipe import load_recipe, with_overrides
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 MNI = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
