@@ -104,6 +104,8 @@ def _read_header(path: Path):
         size = path.stat().st_size
     except OSError as exc:
         raise ScanError(path, f"cannot open file ({exc.strerror})") from None
+    if not path.is_file():
+        raise ScanError(path, "is a folder, not a file" if path.is_dir() else "not a regular file")
     if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     forced = False

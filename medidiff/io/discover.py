@@ -421,6 +421,8 @@ def read_scan(
         if len(volumes) != 1:
             raise ScanError(path, f"file holds {len(volumes)} volumes; use discover() to pick one")
         return volumes[0]
+    if not path.is_dir():
+        raise ScanError(path, _not_a_file(path))
     sources = [s for s in discover(path) if s.kind != "invalid"]
     if not sources:
         raise ScanError(path, "no readable scan in this folder")

@@ -239,7 +239,15 @@ def _check_hdf5(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ScanError(path, "file does not exist")
-    if path.stat().st_size == 0:
+    if not path.is_file():
+        raise ScanError(path, "is a folder, not a file" if path.is_dir() else "not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     if not is_hdf5_file(path):
         raise ScanError(path, "not an HDF5 file")

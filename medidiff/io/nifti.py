@@ -27,6 +27,8 @@ def _load_image(path: Path):
         raise ScanError(path, "file does not exist")
     if path.is_dir():
         raise ScanError(path, "is a folder, not a NIfTI file")
+    if not path.is_file():
+        raise ScanError(path, "not a regular file (a device, socket or pipe)")
     try:
         size = path.stat().st_size
         with open(path, "rb"):
