@@ -118,6 +118,7 @@ def _read_header(path: Path):
                 forced = True
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             pixel_offset = fh.tell()
+        ds.walk(lambda _ds, _elem: None)  # convert every element now: a malformed one is this file's problem
     except Exception as exc:  # noqa: BLE001 - any parse failure of arbitrary bytes is a named problem
         raise ScanError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     try:
@@ -688,7 +689,7 @@ def load_group(
             vol = _load_group(group, where, notes, max_voxels)
         except ScanError:
             raise
-        except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError) as exc:
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError, NotImplementedError) as exc:
             raise ScanError(where, f"malformed DICOM header values ({type(exc).__name__}: {exc})") from None
     problems = list(dict.fromkeys(group.notes + notes + warning_problems(messages)))
     vol.meta["problems"] = problems

@@ -393,7 +393,7 @@ def _sources_for_files(folder: Path, files: list[Path], root: Path, single: bool
     if headers:
         try:
             found = list(_dicom_sources(folder, headers, root, notes, single=single))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, NotImplementedError) as exc:
             problem = f"DICOM headers could not be grouped ({type(exc).__name__}: {exc})"
             found = [_invalid(path, root, problem) for path, _ in headers]
         yield from found

@@ -111,7 +111,7 @@ def kspace_file(path: Path, kspace=None, header: str | bytes | None = None, **at
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=kspace)
         if header is not None:
-            f.create_dataset("ismrmrd_header", data=header)
+            f.create_dataset("ismrmrd_header", data=np.bytes_(header.encode() if isinstance(header, str) else header))
         for k, v in attrs.items():
             f.attrs[k] = v
     return path

@@ -576,32 +576,60 @@ def test_single_file_is_reported_under_its_own_name(tmp_path: Path) -> None:
     assert source.info()["path"] == str(target)
 
 
-def test_deep_folder_tree_has_no_recursion_error(tmp_path: Path) -> None:
-    deep = tmp_path
-    for _ in range(2100):
-        deep = deep / "d"
-        try:
-            deep.mkdir()
-        except OSError:  # the path grew past PATH_MAX: the rest is reached through a relative path
-            break
-    (tmp_path / "d" / "a.nii").write_bytes(bytes(nifti_bytes()))
-    sources = list(discover(tmp_path))
-    assert [s.kind for s in sources if s.path.name == "a.nii"] == ["nifti"]
-    assert all(s.kind != "invalid" or s.problems for s in sources)
-
-
-def test_deep_tree_beyond_path_max_is_reported(tmp_path: Path) -> None:
-    """2100 levels reached with relative paths (chdir): discovery lists what it can and names the rest."""
+def _make_chain(top: Path, levels: int, nifti_at: int) -> None:
+    """``levels`` nested folders ``d/d/...`` under ``top`` (made with relative paths, so PATH_MAX does not
+    stop it), with a NIfTI file at depth ``nifti_at``."""
     old = os.getcwd()
     try:
-        os.chdir(tmp_path)
-        for level in range(2100):
+        os.chdir(top)
+        for level in range(levels):
             os.mkdir("d")
             os.chdir("d")
-            if level == 5:
+            if level == nifti_at:
                 Path("a.nii").write_bytes(bytes(nifti_bytes()))
     finally:
         os.chdir(old)
-    sources = list(discover(tmp_path))
-    assert sum(s.kind == "nifti" for s in sources) == 1
-    assert any("cannot list folder" in p for s in sources for p in s.problems)
+
+
+def _remove_chain(top: Path) -> None:
+    """Delete the chain iteratively (shutil.rmtree, and so pytest's cleanup, recurses once per level)."""
+    old = os.getcwd()
+    try:
+        os.chdir(top)
+        depth = 0
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for _ in range(depth):
+            for name in os.listdir("."):
+                os.unlink(name)
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def deep_tree():
+    """A 2100-level folder chain (deeper than PATH_MAX allows to name), removed afterwards.
+
+    Made outside pytest's temporary folders: pytest cleans those with shutil.rmtree, which recurses once
+    per level and would fail on this chain if a run were interrupted before the teardown.
+    """
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="medidiff-deep-"))
+    try:
+        _make_chain(top, 2100, nifti_at=5)
+        yield top
+    finally:
+        _remove_chain(top)
+        top.rmdir()
+
+
+def test_deep_folder_tree_has_no_recursion_error(deep_tree: Path) -> None:
+    """2100 levels: discovery walks iteratively, lists what it can and names the folders it cannot list."""
+    sources = list(discover(deep_tree))
+    assert [s.path.name for s in sources if s.kind == "nifti"] == ["a.nii"]
+    assert all(s.kind == "nifti" or (s.kind == "invalid" and s.problems) for s in sources)
+    assert any("cannot list folder" in p for s in sources for p in s.problems)  # beyond PATH_MAX
