@@ -131,10 +131,10 @@ def read_nifti(
 ) -> Volume:
     """Read one 3D volume from a NIfTI file (``index`` picks a volume of a 4D file).
 
-    Refused with a ScanError naming the file: a non-finite, singular or sheared affine, a zero-length
-    axis, a volume larger than the voxel limit (checked on the header, before reading: see
+    Refused with a ScanError naming the file: a non-finite or singular affine, a zero-length axis, a volume larger than the voxel limit (checked on the header, before reading: see
     ``medidiff.io.limits``), NaN/Inf voxels unless ``allow_nonfinite`` (then recorded in
-    ``meta['problems']``). Complex voxels are read as their magnitude, recorded in ``meta['complex']``
+    ``meta['problems']``). A sheared sform (allowed by the NIfTI standard) is kept and recorded in
+    ``meta['problems']``. Complex voxels are read as their magnitude, recorded in ``meta['complex']``
     and ``meta['problems']``, unless ``complex_mode='refuse'``. Voxels are never altered otherwise.
     """
     path = Path(path)
@@ -176,7 +176,8 @@ def read_nifti(
     if index is not None and len(shape) > 3:
         meta["index"] = int(index)
     vol = Volume(data, affine, meta)
-    return check_volume(vol, path, allow_nonfinite=allow_nonfinite)
+    # NIfTI's sform is a general affine by the standard: a declared shear is kept, and recorded
+    return check_volume(vol, path, allow_nonfinite=allow_nonfinite, allow_shear=True)
 
 
 def _description(img, path: Path) -> str:

@@ -98,20 +98,27 @@ def geometry_problem(affine: np.ndarray) -> str | None:
     return None
 
 
-def check_volume(vol: Volume, path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
+def check_volume(
+    vol: Volume, path: str | Path, *, allow_nonfinite: bool = False, allow_shear: bool = False
+) -> Volume:
     """The invariants every reader guarantees, or a ScanError naming ``path`` and the problem.
 
-    A Volume leaving a reader has at least one voxel along each axis, a finite affine with orthonormal
-    (not sheared) non-zero axes, and finite voxels. With ``allow_nonfinite`` NaN/Inf voxels are kept and
-    recorded in ``meta['problems']`` instead of refused.
+    A Volume leaving a reader has at least one voxel along each axis, a finite non-singular affine with
+    orthonormal (not sheared) axes, and finite voxels. With ``allow_nonfinite`` NaN/Inf voxels are kept,
+    with ``allow_shear`` a sheared (still non-singular) affine is kept; each is then recorded in
+    ``meta['problems']`` instead of refused.
     """
     from medidiff.io.errors import ScanError
 
     if 0 in vol.array.shape:
         raise ScanError(path, f"image has a zero-length axis (shape {'×'.join(map(str, vol.shape))})")
     problem = geometry_problem(vol.affine)
-    if problem:
+    if problem and not (allow_shear and "not orthonormal" in problem):
         raise ScanError(path, problem)
+    if problem:
+        problems = vol.meta.setdefault("problems", [])
+        if problem not in problems:
+            problems.append(problem)
     bad = int(vol.array.size - np.count_nonzero(np.isfinite(vol.array)))
     if bad:
         message = nonfinite_problem(bad, vol.array.size)
