@@ -423,9 +423,11 @@ def read_scan(
         return volumes[0]
     if not path.is_dir():
         raise ScanError(path, _not_a_file(path))
-    sources = [s for s in discover(path) if s.kind != "invalid"]
+    found = list(discover(path))
+    sources = [s for s in found if s.kind != "invalid"]
     if not sources:
-        raise ScanError(path, "no readable scan in this folder")
+        why = "; ".join(f"{s.path.name}: {s.problems[0]}" for s in found[:3] if s.problems)
+        raise ScanError(path, "no readable scan in this folder" + (f" ({why})" if why else ""))
     if len(sources) > 1:
         raise ScanError(path, f"folder holds {len(sources)} scans; use discover() to pick one")
     return sources[0].load(**opts)

@@ -190,6 +190,9 @@ def _geometry(stored_affine, header: str | None, shape: tuple[int, int, int], pr
             return stored_affine, header_info
         problems.append(f"stored 'affine' attribute ignored ({bad})")
     spacing = _header_spacing(header_info)
+    matrix, fov = header_info.get("encodedSpace_matrix"), header_info.get("encodedSpace_fov_mm")
+    if spacing is None and matrix and fov:
+        problems.append(f"ismrmrd_header encodedSpace gives no positive spacing (matrix {matrix}, field of view {fov} mm)")
     if spacing is None:
         spacing = (1.0, 1.0, 1.0)
         problems.append("no usable ismrmrd_header field of view: spacing assumed 1 mm, orientation unknown")

@@ -330,7 +330,7 @@ def kspace_header_entity_expansion(tmp: Path):
 
 @case
 def kspace_negative_field_of_view(tmp: Path):
-    return kspace_file(tmp / "k.h5", header=ismrmrd_xml(fov="-160")), "spacing assumed 1 mm"
+    return kspace_file(tmp / "k.h5", header=ismrmrd_xml(fov="-160")), "gives no positive spacing"
 
 
 @case
