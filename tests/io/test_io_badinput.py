@@ -633,3 +633,22 @@ def test_deep_folder_tree_has_no_recursion_error(deep_tree: Path) -> None:
     assert [s.path.name for s in sources if s.kind == "nifti"] == ["a.nii"]
     assert all(s.kind == "nifti" or (s.kind == "invalid" and s.problems) for s in sources)
     assert any("cannot list folder" in p for s in sources for p in s.problems)  # beyond PATH_MAX
+
+
+def test_scan_errors_cross_process_boundaries(tmp_path: Path) -> None:
+    """Decoding may run in a child process: the errors pickle with their path, problem and sizes."""
+    import pickle
+
+    target, _ = CASES["nifti_huge_claimed_size"](tmp_path)
+    with pytest.raises(ScanTooLargeError) as err:
+        read_scan(target)
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is ScanTooLargeError and str(again) == str(err.value)
+    assert (again.path, again.problem, again.voxels, again.limit) == (
+        err.value.path,
+        err.value.problem,
+        err.value.voxels,
+        err.value.limit,
+    )
+    plain = pickle.loads(pickle.dumps(ScanError(target, "empty file (0 bytes)")))
+    assert plain.path == target and plain.problem == "empty file (0 bytes)"
