@@ -273,6 +273,8 @@ def probe_kspace(path: str | Path, *, max_voxels: int | None = None) -> dict[str
         with h5py.File(path, "r") as f:
             _require_kspace(f, path)
             shape, _ = _kspace_layout(f["kspace"], path, max_voxels)
+            if f["kspace"].id.get_storage_size() == 0:  # never written: reads as all zero (load refuses it)
+                problems.append("'kspace' holds no stored samples (all zero): nothing was measured")
             header = _read_header_text(f, path)
             stored = np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None
             description = _description(f, path)

@@ -363,6 +363,13 @@ def kspace_huge_chunked_dataset(tmp: Path):
 
 
 @case
+def kspace_never_written(tmp: Path):
+    with h5py.File(tmp / "k.h5", "w") as f:
+        f.create_dataset("kspace", shape=(2, 8, 6), dtype=np.complex64, chunks=(1, 8, 6))
+    return tmp / "k.h5", "nothing was measured"
+
+
+@case
 def kspace_missing_dataset(tmp: Path):
     with h5py.File(tmp / "k.h5", "w") as f:
         f.create_dataset("image", data=np.ones((2, 2)))
