@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test fuzz lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# long property-based run of the readers (2000 examples per property; the normal suite runs 50)
+fuzz: install
+	MEDIDIFF_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests/io/test_io_fuzz.py
 
 lint: install
 	$(BIN)/ruff check medidiff tests

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from medidiff.io.errors import ScanError
-from medidiff.io.volume import Volume
+from medidiff.io.limits import check_voxels
+from medidiff.io.volume import ORTHOGONALITY_TOLERANCE, Volume, check_volume, geometry_problem
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -103,6 +104,8 @@ def _read_header(path: Path):
         size = path.stat().st_size
     except OSError as exc:
         raise ScanError(path, f"cannot open file ({exc.strerror})") from None
+    if not path.is_file():
+        raise ScanError(path, "is a folder, not a file" if path.is_dir() else "not a regular file")
     if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     forced = False
@@ -115,22 +118,50 @@ def _read_header(path: Path):
                 forced = True
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             pixel_offset = fh.tell()
+        ds.walk(lambda _ds, _elem: None)  # convert every element now: a malformed one is this file's problem
     except Exception as exc:  # noqa: BLE001 - any parse failure of arbitrary bytes is a named problem
         raise ScanError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    try:
+        _check_header(path, ds, forced, size, pixel_offset)
+    except ScanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed values (Rows 'abc', odd VRs) in arbitrary bytes
+        raise ScanError(path, f"malformed DICOM header ({type(exc).__name__}: {exc})") from None
+    return ds
+
+
+def _check_header(path: Path, ds, forced: bool, size: int, pixel_offset: int) -> None:
+    """Raise ScanError unless ``ds`` is the complete header of a greyscale image within the voxel limit."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if not sop_class and getattr(ds, "file_meta", None) is not None:
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))  # e.g. a DICOMDIR
     if forced and not sop_class:
         raise ScanError(path, "not a DICOM file (no DICM preamble and no SOP Class UID)")
     if "Rows" not in ds or "Columns" not in ds:
+        if not sop_class or _is_image_sop(sop_class):
+            raise ScanError(
+                path,
+                f"truncated / not a complete DICOM file ({size} bytes; the header ends before "
+                "Rows/Columns and the pixel data)",
+            )
         raise ScanError(path, f"not an image: SOP class {_sop_name(sop_class)} has no pixel data")
     if sop_class.startswith("1.2.840.10008.5.1.4.1.1.481"):  # RT dose/plan/struct ...
         raise ScanError(path, f"not an MR/CT image: SOP class {_sop_name(sop_class)}")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         photometric = str(ds.get("PhotometricInterpretation", "")) or "colour"
         raise ScanError(path, f"colour image ({photometric}, {_sop_name(sop_class)}): not a greyscale scan")
+    rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    if min(rows, cols, frames) <= 0:
+        raise ScanError(path, f"image has a zero-length axis (Rows {rows}, Columns {cols}, frames {frames})")
+    check_voxels(path, (cols, rows, frames), (int(ds.get("BitsAllocated", 16) or 16) + 7) // 8)
     _check_pixel_data(path, ds, fh_size=size, offset=pixel_offset)
-    return ds
+
+
+def _is_image_sop(uid: str) -> bool:
+    """True for image storage SOP classes (MR, CT, enhanced, secondary capture ...)."""
+    from pydicom.uid import UID
+
+    return "Image" in UID(uid).name
 
 
 def _sop_name(uid: str) -> str:
@@ -213,9 +244,12 @@ def _is_localizer(ds) -> bool:
 
 
 def _orientation_key(iop) -> tuple[float, ...] | None:
-    if iop is None or len(iop) != 6:
+    try:
+        if iop is None or len(iop) != 6:
+            return None
+        return tuple(round(float(v), _ORIENT_DECIMALS) + 0.0 for v in iop)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return tuple(round(float(v), _ORIENT_DECIMALS) + 0.0 for v in iop)
 
 
 def _group_notes(files: list[Path], notes: dict[Path, list[str]] | None) -> list[str]:
@@ -280,9 +314,9 @@ def _group_headers(items: list[tuple[Path, Any]]) -> list[DicomGroup]:
             key = (
                 _orientation_key(d.get("ImageOrientationPatient")),
                 str(d.get("EchoNumbers", "")),
-                round(float(d.get("EchoTime", 0) or 0), 3),
-                int(d.get("Rows", 0)),
-                int(d.get("Columns", 0)),
+                _float_or_none(d.get("EchoTime"), 3),
+                _int_or_none(d.get("Rows")),
+                _int_or_none(d.get("Columns")),
             )
             splits[key].append((p, d))
         parts: list[list[tuple[Path, Any]]] = []
@@ -294,18 +328,38 @@ def _group_headers(items: list[tuple[Path, Any]]) -> list[DicomGroup]:
                     [p for p, _ in part],
                     [d for _, d in part],
                     sub_index=n if len(parts) > 1 else None,
+                    problems=_duplicate_uids([d for _, d in part]),
                     **base,
                 )
             )
     return groups
 
 
+def _duplicate_uids(headers: list[Any]) -> list[str]:
+    """A problem when several files of one volume carry the same SOP Instance UID (copies of one image)."""
+    uids = [str(d.get("SOPInstanceUID", "")) for d in headers]
+    counts: dict[str, int] = defaultdict(int)
+    for uid in uids:
+        if uid:
+            counts[uid] += 1
+    repeated = sum(c for c in counts.values() if c > 1)
+    if not repeated:
+        return []
+    shared = sum(c > 1 for c in counts.values())
+    return [f"duplicate SOP Instance UIDs: {repeated} files share {shared} UID(s) (copies of the same image?)"]
+
+
+def _float_or_none(value, decimals: int) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(v, decimals) if np.isfinite(v) else None
+
+
 def _split_repeated_positions(members: list[tuple[Path, Any]]) -> list[list[tuple[Path, Any]]]:
     """When slice positions repeat, split by acquisition / temporal position (time series, repeats)."""
-    positions = [
-        tuple(np.round(np.asarray(d.get("ImagePositionPatient") or [np.nan] * 3, float), 3))
-        for _, d in members
-    ]
+    positions = [_position_key(d.get("ImagePositionPatient")) for _, d in members]
     if len(set(positions)) == len(positions):
         return [members]
     for attr in ("AcquisitionNumber", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue"):
@@ -317,10 +371,18 @@ def _split_repeated_positions(members: list[tuple[Path, Any]]) -> list[list[tupl
     return [members]
 
 
+def _position_key(ipp) -> tuple:
+    """Rounded ImagePositionPatient (a unique placeholder when it is missing or malformed)."""
+    try:
+        return tuple(np.round(np.asarray(list(ipp), float), 3)) if ipp is not None and len(ipp) == 3 else ()
+    except (TypeError, ValueError):
+        return ()
+
+
 def _int_or_none(value) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -344,12 +406,19 @@ def stack_geometry(
     ):
         problem = "missing plane geometry (ImageOrientationPatient, ImagePositionPatient or PixelSpacing)"
         return np.arange(n), np.eye(4), [problem]
-    row = np.asarray(iop[:3], float)
-    col = np.asarray(iop[3:], float)
+    try:
+        row = np.asarray([float(v) for v in iop[:3]])
+        col = np.asarray([float(v) for v in iop[3:]])
+        ps = [float(v) for v in pixel_spacing]
+        pos = np.asarray([[float(v) for v in p] for p in positions])
+    except (TypeError, ValueError):
+        return np.arange(n), np.eye(4), ["plane geometry values are not numbers"]
+    problem = _plane_problem(row, col, ps, pos)
+    if problem:
+        return np.arange(n), np.eye(4), [problem]
     row /= np.linalg.norm(row)
     col /= np.linalg.norm(col)
     normal = np.cross(row, col)
-    pos = np.asarray(positions, float)
     dist = pos @ normal
     order = np.argsort(dist, kind="stable")
     pos, dist = pos[order], dist[order]
@@ -377,13 +446,37 @@ def stack_geometry(
                 problems.append("slice positions do not lie on a straight line")
     else:
         step = normal * float(thickness or 1.0)
-    ps = [float(v) for v in pixel_spacing]
     lps = np.eye(4)
     lps[:3, 0] = row * ps[1]  # i runs along a row: spacing between columns
     lps[:3, 1] = col * ps[0]  # j runs down a column: spacing between rows
     lps[:3, 2] = step
     lps[:3, 3] = pos[0]
-    return order, LPS_TO_RAS @ lps, problems
+    affine = LPS_TO_RAS @ lps
+    if not problems:
+        bad = geometry_problem(affine)
+        if bad and "not orthonormal" in bad:
+            bad = f"slices are stacked at an angle to their plane (gantry tilt?): {bad}"
+        if bad:
+            problems.append(bad)
+    return order, affine, problems
+
+
+def _plane_problem(row: np.ndarray, col: np.ndarray, spacing: list[float], pos: np.ndarray) -> str | None:
+    """Why plane geometry values cannot place a slice: non-finite, non-positive spacing, bad direction cosines."""
+    if not (np.all(np.isfinite(row)) and np.all(np.isfinite(col)) and np.all(np.isfinite(pos))):
+        return "ImageOrientationPatient or ImagePositionPatient contains NaN or Inf"
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        return f"PixelSpacing must be positive, got {[round(v, 6) for v in spacing]}"
+    nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+    if min(nr, nc) < 1e-6:
+        return "ImageOrientationPatient has a zero-length direction"
+    if abs(nr - 1) > 0.01 or abs(nc - 1) > 0.01:
+        return f"ImageOrientationPatient directions are not unit vectors (lengths {nr:.4f}, {nc:.4f})"
+    cos = float(row @ col) / (nr * nc)
+    if abs(cos) > ORTHOGONALITY_TOLERANCE:
+        angle = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+        return f"ImageOrientationPatient row and column are not orthogonal ({angle:.2f}° apart)"
+    return None
 
 
 def classic_geometry(group: DicomGroup) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -403,14 +496,16 @@ def classic_geometry(group: DicomGroup) -> tuple[np.ndarray, np.ndarray, list[st
             "header geometry would be wrong; convert with dcm2niix first"
         )
         return np.arange(len(heads)), np.eye(4), problems
-    if any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in heads):
+    if any((_int_or_none(d.get("NumberOfFrames")) or 1) > 1 for d in heads):
         problems.append("multi-frame file without functional groups (not an enhanced image): unsupported")
-    thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
+    thickness = _float_or_none(first.get("SpacingBetweenSlices"), 9) or _float_or_none(
+        first.get("SliceThickness"), 9
+    )
     order, affine, geo = stack_geometry(
         first.get("ImageOrientationPatient"),
         first.get("PixelSpacing"),
         [d.get("ImagePositionPatient") for d in heads],
-        float(thickness) if thickness else None,
+        thickness,
     )
     return order, affine, problems + geo
 
@@ -509,7 +604,7 @@ def enhanced_geometry(group: DicomGroup) -> tuple[np.ndarray, np.ndarray, list[s
         _fg(ds, first, "PlaneOrientationSequence", "ImageOrientationPatient"),
         _fg(ds, first, "PixelMeasuresSequence", "PixelSpacing"),
         [_fg(ds, it, "PlanePositionSequence", "ImagePositionPatient") for it in items],
-        float(thickness) if thickness else None,
+        _float_or_none(thickness, 9),
     )
 
 
@@ -521,10 +616,20 @@ def group_geometry(group: DicomGroup) -> tuple[np.ndarray, np.ndarray, list[str]
 
 
 def group_shape(group: DicomGroup) -> tuple[int, int, int]:
-    """(columns, rows, slices) — the Volume shape."""
+    """(columns, rows, slices) — the Volume shape; frames of multi-frame files count as slices."""
     ds = group.headers[0]
-    n = len(group.frames) if group.enhanced and group.frames is not None else len(group.files)
+    if group.enhanced and group.frames is not None:
+        n = len(group.frames)
+    else:
+        n = sum(max(_int_or_none(d.get("NumberOfFrames")) or 1, 1) for d in group.headers)
     return (int(ds.Columns), int(ds.Rows), n)
+
+
+def check_group_size(group: DicomGroup, where: Path, max_voxels: int | None = None) -> None:
+    """ScanTooLargeError when rows × columns × frames × files exceeds the voxel limit (headers only)."""
+    ds = group.headers[0]
+    bits = _int_or_none(ds.get("BitsAllocated")) or 16
+    check_voxels(where, group_shape(group), (bits + 7) // 8, limit=max_voxels)
 
 
 # ----------------------------------------------------------------------------------------------- pixels
@@ -564,31 +669,53 @@ def decode_file(path: Path, notes: list[str] | None = None):
     return ds, arr
 
 
-def load_group(group: DicomGroup, root_path: Path | None = None) -> Volume:
+def load_group(
+    group: DicomGroup,
+    root_path: Path | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    max_voxels: int | None = None,
+) -> Volume:
     """Decode the pixels of a group into a Volume (RAS affine); ScanError if its geometry has problems.
 
+    The size declared by the headers is checked against the voxel limit before any pixel is decoded.
+    NaN/Inf voxels (float pixel data, a non-finite rescale) are refused unless ``allow_nonfinite``.
     Non-fatal problems (the group's notes, pydicom's warnings while decoding) go to ``meta['problems']``.
     """
     notes: list[str] = []
+    where = _where(group, root_path)
     with pydicom_messages() as messages:
-        vol = _load_group(group, root_path, notes)
-    vol.meta["problems"] = list(dict.fromkeys(group.notes + notes + warning_problems(messages)))
-    return vol
+        try:
+            vol = _load_group(group, where, notes, max_voxels)
+        except ScanError:
+            raise
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError, NotImplementedError) as exc:
+            raise ScanError(where, f"malformed DICOM header values ({type(exc).__name__}: {exc})") from None
+    problems = list(dict.fromkeys(group.notes + notes + warning_problems(messages)))
+    vol.meta["problems"] = problems
+    return check_volume(vol, where, allow_nonfinite=allow_nonfinite)
 
 
-def _load_group(group: DicomGroup, root_path: Path | None, notes: list[str]) -> Volume:
+def _where(group: DicomGroup, root_path: Path | None) -> Path:
+    """The path that names a group in messages: the given root, the file, or the series folder."""
+    return root_path or (group.files[0].parent if len(group.files) > 1 else group.files[0])
+
+
+def _load_group(group: DicomGroup, where: Path, notes: list[str], max_voxels: int | None) -> Volume:
     """``load_group`` without the collection of pydicom's messages."""
-    where = root_path or (group.files[0].parent if len(group.files) > 1 else group.files[0])
     if group.problems:
         raise ScanError(where, "; ".join(group.problems))
     order, affine, problems = group_geometry(group)
     if problems:
         raise ScanError(where, "; ".join(problems))
+    check_group_size(group, where, max_voxels)
     frame_numbers: list[int] | None = None
     if group.enhanced:
         path = group.files[0]
         ds, arr = decode_file(path, notes)
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if arr.size != n_frames * int(ds.Rows) * int(ds.Columns):
+            raise ScanError(path, f"decoded {arr.shape} pixels for {n_frames} frame(s) of {ds.Rows}×{ds.Columns}")
         arr = arr.reshape((n_frames,) + arr.shape[-2:])
         per_frame = ds.PerFrameFunctionalGroupsSequence
         frames = [group.frames[i] for i in order]
@@ -609,8 +736,10 @@ def _load_group(group: DicomGroup, root_path: Path | None, notes: list[str]) -> 
         files = [str(group.files[i]) for i in order]
         for i in order:
             ds, arr = decode_file(group.files[i], notes)
-            if arr.ndim != 2:
+            if arr.ndim != 2 or arr.shape != (int(ds.Rows), int(ds.Columns)):
                 raise ScanError(group.files[i], f"expected a 2D slice, decoded shape {arr.shape}")
+            if slices and arr.shape != slices[0].shape:
+                raise ScanError(group.files[i], f"slice shape {arr.shape} differs from {slices[0].shape}")
             slices.append(_rescale(arr, ds.get("RescaleSlope"), ds.get("RescaleIntercept")))
             sop_uids.append(str(ds.get("SOPInstanceUID", "")))
             if header is None:
@@ -648,7 +777,13 @@ def _header_only(ds):
     return out
 
 
-def read_dicom_files(files: list[str | Path], root_path: Path | None = None) -> list[Volume]:
+def read_dicom_files(
+    files: list[str | Path],
+    root_path: Path | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    max_voxels: int | None = None,
+) -> list[Volume]:
     """Read the given files as DICOM; one Volume per volume-group found (ScanError on any bad file)."""
     notes: dict[Path, list[str]] = defaultdict(list)
     items = [(Path(f), read_header(f, notes[Path(f)])) for f in files]
@@ -659,4 +794,4 @@ def read_dicom_files(files: list[str | Path], root_path: Path | None = None) -> 
     ]
     if not groups:
         raise ScanError(root_path or Path(files[0]), "no image volume (only localizers?)")
-    return [load_group(g, root_path) for g in groups]
+    return [load_group(g, root_path, allow_nonfinite=allow_nonfinite, max_voxels=max_voxels) for g in groups]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medidiff.io.errors import ScanError
+from medidiff.io.errors import ScanError, ScanTooLargeError
 from medidiff.io.kspace import KSpaceData, is_hdf5_file, is_kspace_path, probe_kspace, read_kspace
 from medidiff.io.nifti import is_nifti_path, read_nifti
 from medidiff.io.volume import Volume
@@ -103,32 +103,44 @@ class ScanSource:
             return None
         return tuple(float(s) for s in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))
 
-    def load(self) -> Volume | KSpaceData:
-        """Read the scan; raises ScanError (file and problem) when it cannot be read correctly."""
+    def load(self, *, allow_nonfinite: bool = False, max_voxels: int | None = None) -> Volume | KSpaceData:
+        """Read the scan; raises ScanError (file and problem) when it cannot be read correctly.
+
+        ``allow_nonfinite`` and ``max_voxels`` are passed to the reader (see ``read_nifti``).
+        """
         if self.kind == "invalid":
             raise ScanError(self.path, "; ".join(self.problems) or "not a readable scan")
         if self.kind == "nifti":
-            return read_nifti(self.path, self.index)
+            return read_nifti(self.path, self.index, allow_nonfinite=allow_nonfinite, max_voxels=max_voxels)
         if self.kind == "kspace":
-            return read_kspace(self.path)
+            return read_kspace(self.path, allow_nonfinite=allow_nonfinite, max_voxels=max_voxels)
         if self.kind == "dicom":
             from medidiff.io.dicom_read import load_group
 
-            return load_group(self._group, self.path)
+            return load_group(
+                self._group, self.path, allow_nonfinite=allow_nonfinite, max_voxels=max_voxels
+            )
         raise ScanError(self.path, f"unknown scan kind {self.kind!r}")
 
     def info(self) -> dict[str, Any]:
-        """The JSON-ready summary used by ``medidiff info``."""
+        """The JSON-ready summary used by ``medidiff info`` (strict JSON: a non-finite affine is null)."""
+        problems = list(self.problems)
+        affine = None if self.affine is None else np.asarray(self.affine, dtype=np.float64)
+        if affine is not None and not np.all(np.isfinite(affine)):
+            affine = None
+            if not any("NaN" in p for p in problems):
+                problems.append("affine contains NaN or Inf")
+        spacing = None if affine is None else np.linalg.norm(affine[:3, :3], axis=0)
         return {
             "path": str(self.path),
             "kind": self.kind,
             "shape": list(self.shape) if self.shape is not None else None,
-            "spacing": [round(s, 6) for s in self.spacing] if self.spacing is not None else None,
-            "affine": np.asarray(self.affine).round(6).tolist() if self.affine is not None else None,
+            "spacing": [round(float(s), 6) for s in spacing] if spacing is not None else None,
+            "affine": affine.round(6).tolist() if affine is not None else None,
             "modality": self.modality or None,
             "description": self.description,
             "n_files": len(self.files),
-            "problems": list(self.problems),
+            "problems": problems,
         }
 
 
@@ -199,10 +211,20 @@ def _kspace_source(path: Path, root: Path) -> ScanSource:
 
 
 def _dicom_sources(
-    folder: Path, items: list[tuple[Path, Any]], root: Path, notes: dict[Path, list[str]]
+    folder: Path,
+    items: list[tuple[Path, Any]],
+    root: Path,
+    notes: dict[Path, list[str]],
+    single: bool = False,
 ) -> Iterator[ScanSource]:
     """Group one folder's headers into volumes and describe each from headers only."""
-    from medidiff.io.dicom_read import _is_localizer, group_headers, pydicom_messages, warning_problems
+    from medidiff.io.dicom_read import (
+        _is_localizer,
+        check_group_size,
+        group_headers,
+        pydicom_messages,
+        warning_problems,
+    )
 
     with pydicom_messages():
         groups = group_headers(items, notes)
@@ -212,7 +234,13 @@ def _dicom_sources(
         else:
             with pydicom_messages() as messages:
                 affine, geo, shape = _header_geometry(group)
-            problems = list(group.problems) + geo + group.notes + warning_problems(messages)
+            size: list[str] = []
+            if shape is not None:
+                try:
+                    check_group_size(group, folder)
+                except ScanTooLargeError as exc:
+                    size = [exc.problem]
+            problems = list(group.problems) + geo + size + group.notes + warning_problems(messages)
             if any(
                 w in p for p in problems for w in ("missing plane geometry", "refusing to invent", "mosaic")
             ):
@@ -228,7 +256,7 @@ def _dicom_sources(
             name += f"-part{group.sub_index}"
         if kind == "invalid":
             name += "-localizer"
-        path = group.files[0] if group.enhanced else folder
+        path = group.files[0] if group.enhanced or single else folder
         yield ScanSource(
             path=path,
             kind=kind,
@@ -269,68 +297,137 @@ def _is_candidate(path: Path) -> bool:
 
 
 def discover(root: str | Path) -> Iterator[ScanSource]:
-    """Yield every scan (and every unreadable file) under ``root``, folder by folder, in sorted order."""
+    """Yield every scan (and every unreadable file or folder) under ``root``, folder by folder, sorted.
+
+    The tree is walked iteratively (any depth), symbolic links to folders are not followed (no loops), and
+    a folder that cannot be listed or a broken link is an ``'invalid'`` source naming the problem. A single
+    file given as ``root`` is reported under its own path.
+    """
     root = Path(root)
-    if not root.exists():
+    if not root.exists() and not root.is_symlink():
         raise ScanError(root, "path does not exist")
-    if root.is_file():
-        yield from _sources_for_files(root.parent, [root], root.parent)
+    if not root.is_dir():
+        if not root.is_file():
+            yield _invalid(root, root.parent, _not_a_file(root))
+            return
+        yield from _sources_for_files(root.parent, [root], root.parent, single=True)
         return
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        folder = Path(dirpath)
-        files = [folder / f for f in sorted(filenames)]
-        yield from _sources_for_files(folder, [f for f in files if f.is_file() and _is_candidate(f)], root)
+    for folder, files, error in _walk(root):
+        if error:
+            yield _invalid(folder, root, error)
+            continue
+        yield from _sources_for_files(folder, files, root)
 
 
-def _sources_for_files(folder: Path, files: list[Path], root: Path) -> Iterator[ScanSource]:
+def _not_a_file(path: Path) -> str:
+    """The problem with a path that is neither a folder nor a regular file."""
+    if path.is_symlink():
+        return "broken symbolic link (its target is missing, or the link loops)"
+    return "not a regular file (a device, socket or pipe)"
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, list[Path], str | None]]:
+    """(folder, candidate files, listing error) for each folder under ``root``, depth first in sorted order.
+
+    Iterative, so any depth works; hidden folders, ``__pycache__`` and links to folders are skipped.
+    Broken links among the files are returned too (reported as invalid by the caller).
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield folder, [], f"cannot list folder ({exc.strerror or type(exc).__name__})"
+            continue
+        files: list[Path] = []
+        folders: list[Path] = []
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith(".") and entry.name != "__pycache__":
+                        folders.append(path)
+                elif (entry.is_file() or (entry.is_symlink() and not entry.is_dir())) and _is_candidate(path):
+                    files.append(path)
+            except OSError:
+                if _is_candidate(path):
+                    files.append(path)
+        yield folder, files, None
+        stack.extend(reversed(folders))
+
+
+def _sources_for_files(folder: Path, files: list[Path], root: Path, single: bool = False) -> Iterator[ScanSource]:
+    """Sources of one folder's files; an unexpected failure on one file is that file's problem."""
     from medidiff.io.dicom_read import read_header
 
     headers: list[tuple[Path, Any]] = []
     notes: dict[Path, list[str]] = {}
     for path in files:
-        other = _OTHER_FORMATS.get(path.suffix.lower())
-        if other:
-            yield _invalid(
-                path,
-                root,
-                f"unsupported format ({other}): medidiff reads DICOM, NIfTI and fastMRI k-space HDF5",
-            )
-        elif path.name.lower().endswith(_GZIPPED_DICOM):
-            yield _invalid(path, root, "gzip-compressed DICOM file: decompress it (gunzip) to read it")
-        elif is_nifti_path(path):
-            yield from _nifti_sources(path, root)
-        elif is_kspace_path(path) or is_hdf5_file(path):
-            yield _kspace_source(path, root)
-        else:
-            notes[path] = []
-            try:
-                headers.append((path, read_header(path, notes[path])))
-            except ScanError as exc:
-                yield _invalid(path, root, exc.problem)
+        try:
+            if not path.is_file():
+                yield _invalid(path, root, _not_a_file(path))
+                continue
+            other = _OTHER_FORMATS.get(path.suffix.lower())
+            if other:
+                yield _invalid(
+                    path,
+                    root,
+                    f"unsupported format ({other}): medidiff reads DICOM, NIfTI and fastMRI k-space HDF5",
+                )
+            elif path.name.lower().endswith(_GZIPPED_DICOM):
+                yield _invalid(path, root, "gzip-compressed DICOM file: decompress it (gunzip) to read it")
+            elif is_nifti_path(path):
+                yield from list(_nifti_sources(path, root))
+            elif is_kspace_path(path) or is_hdf5_file(path):
+                yield _kspace_source(path, root)
+            else:
+                notes[path] = []
+                try:
+                    headers.append((path, read_header(path, notes[path])))
+                except ScanError as exc:
+                    yield _invalid(path, root, exc.problem)
+        except (ScanError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            yield _invalid(path, root, getattr(exc, "problem", None) or f"unreadable ({type(exc).__name__}: {exc})")
     if headers:
-        yield from _dicom_sources(folder, headers, root, notes)
+        try:
+            found = list(_dicom_sources(folder, headers, root, notes, single=single))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, NotImplementedError) as exc:
+            problem = f"DICOM headers could not be grouped ({type(exc).__name__}: {exc})"
+            found = [_invalid(path, root, problem) for path, _ in headers]
+        yield from found
 
 
-def read_scan(path: str | Path) -> Volume | KSpaceData:
-    """Read one scan: a NIfTI file, a k-space file, a DICOM file or a folder holding exactly one scan."""
+def read_scan(
+    path: str | Path, *, allow_nonfinite: bool = False, max_voxels: int | None = None
+) -> Volume | KSpaceData:
+    """Read one scan: a NIfTI file, a k-space file, a DICOM file or a folder holding exactly one scan.
+
+    Every failure is a ScanError naming the path (``ScanTooLargeError`` for the voxel limit).
+    """
     path = Path(path)
     if not path.exists():
-        raise ScanError(path, "path does not exist")
+        raise ScanError(path, _not_a_file(path) if path.is_symlink() else "path does not exist")
+    opts = {"allow_nonfinite": allow_nonfinite, "max_voxels": max_voxels}
     if path.is_file():
         if is_nifti_path(path):
-            return read_nifti(path)
+            return read_nifti(path, **opts)
         if is_kspace_path(path) or is_hdf5_file(path):
-            return read_kspace(path)
+            return read_kspace(path, **opts)
         from medidiff.io.dicom_read import read_dicom_files
 
-        volumes = read_dicom_files([path])
+        volumes = read_dicom_files([path], **opts)
         if len(volumes) != 1:
             raise ScanError(path, f"file holds {len(volumes)} volumes; use discover() to pick one")
         return volumes[0]
-    sources = [s for s in discover(path) if s.kind != "invalid"]
+    if not path.is_dir():
+        raise ScanError(path, _not_a_file(path))
+    found = list(discover(path))
+    sources = [s for s in found if s.kind != "invalid"]
     if not sources:
-        raise ScanError(path, "no readable scan in this folder")
+        why = "; ".join(f"{s.path.name}: {s.problems[0]}" for s in found[:3] if s.problems)
+        raise ScanError(path, "no readable scan in this folder" + (f" ({why})" if why else ""))
     if len(sources) > 1:
         raise ScanError(path, f"folder holds {len(sources)} scans; use discover() to pick one")
-    return sources[0].load()
+    return sources[0].load(**opts)

@@ -7,7 +7,6 @@ an ``affine`` attribute so our own files round-trip their geometry exactly (fast
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,19 @@ import numpy as np
 
 from medidiff.io.atomic import atomic_file
 from medidiff.io.errors import ScanError
-from medidiff.io.volume import Volume
+from medidiff.io.limits import check_voxels
+from medidiff.io.volume import Volume, geometry_problem, nonfinite_problem
 
 KSPACE_SUFFIXES = (".h5", ".hdf5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # fastMRI attributes safe to carry along (patient_id is deliberately not read)
 _SAFE_ATTRS = ("acquisition", "max", "norm")
+# An ISMRMRD header is a few kB; anything far larger is not one (and is not read into memory).
+_MAX_HEADER_BYTES = 16 * 2**20
+
+
+class HeaderError(ValueError):
+    """An ISMRMRD header that cannot be used: not XML, refused XML constructs, or non-numeric values."""
 
 
 @dataclass
@@ -90,11 +96,23 @@ def is_hdf5_file(path: str | Path) -> bool:
 
 
 def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
-    """encodedSpace / reconSpace matrix size and field of view (mm) from an ISMRMRD XML header."""
-    root = ET.fromstring(xml)
+    """encodedSpace / reconSpace matrix size and field of view (mm) from an ISMRMRD XML header.
 
-    def strip(tag: str) -> str:
-        return tag.rsplit("}", 1)[-1]
+    The XML is untrusted: it is parsed with ``defusedxml`` (no entities, no DTD, no external references).
+    Raises ``HeaderError`` naming what is wrong (malformed XML, refused construct, a non-numeric value).
+    """
+    import defusedxml.ElementTree as DET
+    from defusedxml import DefusedXmlException
+
+    try:
+        root = DET.fromstring(xml, forbid_dtd=True)
+    except DefusedXmlException as exc:
+        raise HeaderError(f"ismrmrd_header refused: {type(exc).__name__} (unsafe XML construct)") from None
+    except Exception as exc:  # noqa: BLE001 - ParseError and encoding errors of arbitrary bytes
+        raise HeaderError(f"ismrmrd_header is not valid XML ({type(exc).__name__}: {exc})") from None
+
+    def strip(tag: Any) -> str:
+        return str(tag).rsplit("}", 1)[-1]
 
     def find(node, *names):
         for name in names:
@@ -102,6 +120,16 @@ def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
                 return None
             node = next((c for c in node if strip(c.tag) == name), None)
         return node
+
+    def number(node, space: str, field_name: str, axis: str) -> float:
+        text = (node.text or "").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise HeaderError(f"ismrmrd_header {space}/{field_name}/{axis} is {text[:20]!r}, not a number") from None
+        if not np.isfinite(value):
+            raise HeaderError(f"ismrmrd_header {space}/{field_name}/{axis} is {text[:20]!r}, not finite")
+        return value
 
     out: dict[str, Any] = {}
     encoding = find(root, "encoding")
@@ -113,10 +141,12 @@ def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
         fov = find(node, "fieldOfView_mm")
         if matrix is not None:
             out[f"{space}_matrix"] = [
-                int(float(find(matrix, a).text)) for a in "xyz" if find(matrix, a) is not None
+                int(number(find(matrix, a), space, "matrixSize", a)) for a in "xyz" if find(matrix, a) is not None
             ]
         if fov is not None:
-            out[f"{space}_fov_mm"] = [float(find(fov, a).text) for a in "xyz" if find(fov, a) is not None]
+            out[f"{space}_fov_mm"] = [
+                number(find(fov, a), space, "fieldOfView_mm", a) for a in "xyz" if find(fov, a) is not None
+            ]
     return out
 
 
@@ -125,7 +155,10 @@ def _header_spacing(info: dict[str, Any]) -> tuple[float, float, float] | None:
     matrix, fov = info.get("encodedSpace_matrix"), info.get("encodedSpace_fov_mm")
     if not matrix or not fov or len(matrix) < 3 or len(fov) < 3 or min(matrix[:2]) <= 0:
         return None
-    return (fov[0] / matrix[0], fov[1] / matrix[1], fov[2] / max(matrix[2], 1))
+    spacing = (fov[0] / matrix[0], fov[1] / matrix[1], fov[2] / max(matrix[2], 1))
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
 
 
 def _centred_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int]) -> np.ndarray:
@@ -136,20 +169,72 @@ def _centred_affine(spacing: tuple[float, float, float], shape: tuple[int, int, 
 
 
 def _geometry(stored_affine, header: str | None, shape: tuple[int, int, int], problems: list[str]):
-    """Affine of the (H, W, S) image grid: our stored attribute, else the ISMRMRD field of view, else 1 mm."""
+    """Affine of the (H, W, S) image grid: our stored attribute, else the ISMRMRD field of view, else 1 mm.
+
+    Whatever is returned passes ``geometry_problem``; an unusable header or stored affine is a problem
+    in ``problems`` (the fallback is used), never an exception.
+    """
     header_info: dict[str, Any] = {}
     if header:
         try:
             header_info = parse_ismrmrd_header(header)
-        except ET.ParseError as exc:
-            problems.append(f"ismrmrd_header is not valid XML ({exc})")
-    if stored_affine is not None and stored_affine.shape == (4, 4) and np.all(np.isfinite(stored_affine)):
-        return stored_affine, header_info
+        except HeaderError as exc:
+            problems.append(str(exc))
+    if stored_affine is not None:
+        bad = (
+            f"has shape {stored_affine.shape}"
+            if stored_affine.shape != (4, 4)
+            else geometry_problem(stored_affine)
+        )
+        if not bad:
+            return stored_affine, header_info
+        problems.append(f"stored 'affine' attribute ignored ({bad})")
     spacing = _header_spacing(header_info)
+    matrix, fov = header_info.get("encodedSpace_matrix"), header_info.get("encodedSpace_fov_mm")
+    if spacing is None and matrix and fov:
+        problems.append(f"ismrmrd_header encodedSpace gives no positive spacing (matrix {matrix}, field of view {fov} mm)")
     if spacing is None:
         spacing = (1.0, 1.0, 1.0)
-        problems.append("no ismrmrd_header field of view: spacing assumed 1 mm, orientation unknown")
+        problems.append("no usable ismrmrd_header field of view: spacing assumed 1 mm, orientation unknown")
     return _centred_affine(spacing, shape), header_info
+
+
+def _read_header_text(f: Any, path: Path) -> str | None:
+    """The ``ismrmrd_header`` dataset as text (None when absent), refused when implausibly large."""
+    if "ismrmrd_header" not in f:
+        return None
+    node = f["ismrmrd_header"]
+    nbytes = int(getattr(node, "nbytes", 0) or 0) if hasattr(node, "shape") else 0
+    if nbytes > _MAX_HEADER_BYTES:
+        raise ScanError(path, f"ismrmrd_header declares {nbytes:,} bytes; an ISMRMRD header is a few kB")
+    h = node[()]
+    if isinstance(h, np.ndarray):
+        h = h.tobytes() if h.dtype.kind in "SUV" and h.size == 1 else None
+        if h is None:
+            return None
+    return h.decode("utf-8", "replace") if isinstance(h, bytes) else str(h)
+
+
+def _kspace_layout(ds: Any, path: Path, max_voxels: int | None) -> tuple[tuple[int, ...], bool]:
+    """The (S, H, W) or (S, C, H, W) shape of the complex samples and whether they are stored as pairs.
+
+    Checked on the dataset header, before reading: real-valued data, a wrong rank, a zero-length axis
+    and a size over the voxel limit are ScanErrors.
+    """
+    shape = tuple(int(s) for s in ds.shape or ())
+    dtype = ds.dtype
+    pairs = not np.issubdtype(dtype, np.complexfloating)
+    if pairs and not (len(shape) in (4, 5) and shape[-1] == 2 and dtype.kind in "fiu"):
+        raise ScanError(path, f"'kspace' is real-valued {dtype} with shape {shape}; expected complex")
+    if pairs:
+        shape = shape[:-1]
+    if len(shape) not in (3, 4):
+        raise ScanError(path, f"'kspace' has shape {shape}; expected (S, H, W) or (S, C, H, W)")
+    if 0 in shape:
+        raise ScanError(path, f"'kspace' has a zero-length axis (shape {shape})")
+    itemsize = (2 * dtype.itemsize) if pairs else dtype.itemsize
+    check_voxels(path, shape, max(itemsize, 8), what="complex k-space samples", limit=max_voxels)
+    return shape, pairs
 
 
 def _check_hdf5(path: str | Path) -> Path:
@@ -157,7 +242,15 @@ def _check_hdf5(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ScanError(path, "file does not exist")
-    if path.stat().st_size == 0:
+    if not path.is_file():
+        raise ScanError(path, "is a folder, not a file" if path.is_dir() else "not a regular file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     if not is_hdf5_file(path):
         raise ScanError(path, "not an HDF5 file")
@@ -170,7 +263,7 @@ def _require_kspace(f: Any, path: Path) -> None:
         raise ScanError(path, f"HDF5 file has no 'kspace' dataset (has: {sorted(f.keys())[:8]})")
 
 
-def probe_kspace(path: str | Path) -> dict[str, Any]:
+def probe_kspace(path: str | Path, *, max_voxels: int | None = None) -> dict[str, Any]:
     """Shape (H, W, S), affine, description and problems of a k-space file without reading its arrays."""
     import h5py
 
@@ -179,23 +272,12 @@ def probe_kspace(path: str | Path) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
             _require_kspace(f, path)
-            shape = f["kspace"].shape
-            if not np.issubdtype(f["kspace"].dtype, np.complexfloating) and not (
-                len(shape) in (4, 5) and shape[-1] == 2
-            ):
-                raise ScanError(path, f"'kspace' is real-valued {f['kspace'].dtype}; expected complex")
-            if not np.issubdtype(f["kspace"].dtype, np.complexfloating):
-                shape = shape[:-1]
-            if len(shape) not in (3, 4):
-                raise ScanError(path, f"'kspace' has shape {shape}; expected (S, H, W) or (S, C, H, W)")
-            header = None
-            if "ismrmrd_header" in f:
-                h = f["ismrmrd_header"][()]
-                header = h.decode("utf-8", "replace") if isinstance(h, bytes) else str(h)
+            shape, _ = _kspace_layout(f["kspace"], path, max_voxels)
+            if f["kspace"].id.get_storage_size() == 0:  # never written: reads as all zero (load refuses it)
+                problems.append("'kspace' holds no stored samples (all zero): nothing was measured")
+            header = _read_header_text(f, path)
             stored = np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None
-            description = f.attrs.get("description", "")
-            if isinstance(description, bytes):
-                description = description.decode("utf-8", "replace")
+            description = _description(f, path)
     except ScanError:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py raises many types for corrupt files
@@ -205,14 +287,41 @@ def probe_kspace(path: str | Path) -> dict[str, Any]:
     return {
         "shape": image_shape,
         "affine": affine,
-        "description": str(description) or path.name.split(".")[0],
+        "description": description,
         "coils": int(shape[1]) if len(shape) == 4 else 1,
         "problems": problems,
     }
 
 
-def read_kspace(path: str | Path) -> KSpaceData:
-    """Read a fastMRI-layout HDF5 file; every failure becomes a ScanError naming the file."""
+def _description(f: Any, path: Path) -> str:
+    """The file's ``description`` attribute, or its name without suffixes."""
+    description = f.attrs.get("description", "")
+    if isinstance(description, bytes):
+        description = description.decode("utf-8", "replace")
+    if isinstance(description, np.ndarray):
+        description = ""
+    return str(description) or path.name.split(".")[0]
+
+
+def _read_dataset(f: Any, name: str, path: Path, max_voxels: int | None) -> np.ndarray:
+    """A whole dataset as an array, after checking its declared size against the voxel limit."""
+    ds = f[name]
+    if not hasattr(ds, "shape"):
+        raise ScanError(path, f"'{name}' is a group, not a dataset")
+    check_voxels(path, ds.shape or (1,), ds.dtype.itemsize, what=f"'{name}' values", limit=max_voxels)
+    return np.asarray(ds[()])
+
+
+def read_kspace(
+    path: str | Path, *, allow_nonfinite: bool = False, max_voxels: int | None = None
+) -> KSpaceData:
+    """Read a fastMRI-layout HDF5 file; every failure becomes a ScanError naming the file.
+
+    Every dataset's declared size is checked against the voxel limit before it is read
+    (``medidiff.io.limits``). Refused: all-zero k-space (nothing measured), NaN/Inf samples unless
+    ``allow_nonfinite`` (then recorded in ``meta['problems']``). A non-finite or misshapen reference is
+    dropped with a problem; an unusable header or stored affine falls back with a problem.
+    """
     import h5py
 
     path = _check_hdf5(path)
@@ -220,15 +329,13 @@ def read_kspace(path: str | Path) -> KSpaceData:
     try:
         with h5py.File(path, "r") as f:
             _require_kspace(f, path)
-            raw = f["kspace"][()]
-            if not np.iscomplexobj(raw):
-                if raw.ndim in (4, 5) and raw.shape[-1] == 2:
-                    raw = raw[..., 0] + 1j * raw[..., 1]
-                else:
-                    raise ScanError(path, f"'kspace' is real-valued {raw.dtype}; expected complex")
-            if raw.ndim not in (3, 4):
-                raise ScanError(path, f"'kspace' has shape {raw.shape}; expected (S, H, W) or (S, C, H, W)")
-            mask = np.asarray(f["mask"][()], dtype=np.float32) if "mask" in f else None
+            _, pairs = _kspace_layout(f["kspace"], path, max_voxels)
+            raw = _read_dataset(f, "kspace", path, max_voxels)
+            if pairs:
+                raw = raw[..., 0] + 1j * raw[..., 1].astype(np.float32)
+            mask = (
+                np.asarray(_read_dataset(f, "mask", path, max_voxels), dtype=np.float32) if "mask" in f else None
+            )
             order = (
                 ("reconstruction_rss", "reconstruction_esc")
                 if raw.ndim == 4
@@ -237,25 +344,34 @@ def read_kspace(path: str | Path) -> KSpaceData:
             reference, reference_name = None, None
             for name in order:
                 if name in f:
-                    reference, reference_name = np.asarray(f[name][()], dtype=np.float32), name
+                    reference = np.asarray(_read_dataset(f, name, path, max_voxels), dtype=np.float32)
+                    reference_name = name
                     break
-            header = None
-            if "ismrmrd_header" in f:
-                h = f["ismrmrd_header"][()]
-                header = h.decode("utf-8", "replace") if isinstance(h, bytes) else str(h)
+            header = _read_header_text(f, path)
             attrs = {
-                k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items() if k in _SAFE_ATTRS
+                k: (v.item() if hasattr(v, "item") and np.size(v) == 1 else v)
+                for k, v in f.attrs.items()
+                if k in _SAFE_ATTRS
             }
             stored_affine = np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None
-            description = f.attrs.get("description", "")
-            if isinstance(description, bytes):
-                description = description.decode("utf-8", "replace")
+            description = _description(f, path)
     except ScanError:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py raises many types for corrupt files
         raise ScanError(path, f"unreadable HDF5 k-space ({type(exc).__name__}: {exc})") from None
 
-    s, h, w = raw.shape[0], raw.shape[-2], raw.shape[-1]
+    kspace = raw.astype(np.complex64)
+    del raw
+    finite = np.isfinite(kspace)
+    bad = int(kspace.size - np.count_nonzero(finite))
+    if bad:
+        message = f"{bad} k-space sample(s) are NaN or Inf (of {kspace.size})"
+        if not allow_nonfinite:
+            raise ScanError(path, message)
+        problems.append(message)
+    if not np.any(kspace[finite] if bad else kspace):
+        raise ScanError(path, "k-space is all zero: nothing was measured")
+    s, h, w = kspace.shape[0], kspace.shape[-2], kspace.shape[-1]
     affine, header_info = _geometry(stored_affine, header, (h, w, s), problems)
     if mask is not None:
         try:
@@ -263,18 +379,25 @@ def read_kspace(path: str | Path) -> KSpaceData:
         except ValueError:
             problems.append(f"mask shape {mask.shape} does not broadcast to (H, W) = ({h}, {w}); ignored")
             mask = None
+    if mask is not None and not np.all(np.isfinite(mask)):
+        problems.append("mask has NaN or Inf values; ignored")
+        mask = None
     if reference is not None and reference.shape != (s, h, w):
         problems.append(f"{reference_name} has shape {reference.shape}, not (S, H, W) = ({s}, {h}, {w})")
+    if reference is not None and not np.all(np.isfinite(reference)):
+        n_bad = int(reference.size - np.count_nonzero(np.isfinite(reference)))
+        problems.append(f"{reference_name}: {nonfinite_problem(n_bad, reference.size)}; reference ignored")
+        reference, reference_name = None, None
     meta: dict[str, Any] = {
         "modality": "MR",
-        "description": str(description) or path.name.split(".")[0],
+        "description": description,
         "source_files": [str(path)],
         "reference_name": reference_name,
         "ismrmrd": header_info,
         "problems": problems,
         **attrs,
     }
-    return KSpaceData(raw.astype(np.complex64), mask, affine, reference, meta, path)
+    return KSpaceData(kspace, mask, affine, reference, meta, path)
 
 
 def _ismrmrd_xml(data: KSpaceData) -> str:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from medidiff.io.atomic import atomic_file
-from medidiff.io.errors import ScanError
-from medidiff.io.volume import Volume
+from medidiff.io.errors import ScanError, ScanTooLargeError
+from medidiff.io.limits import check_voxels
+from medidiff.io.volume import Volume, check_volume, geometry_problem, nonfinite_problem
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -19,12 +20,22 @@ def is_nifti_path(path: str | Path) -> bool:
 
 
 def _load_image(path: Path):
-    """Open with nibabel, turning every failure into a ScanError that names the file."""
+    """Open with nibabel (header only), turning every failure into a ScanError that names the file."""
     import nibabel as nib
 
     if not path.exists():
         raise ScanError(path, "file does not exist")
-    if path.stat().st_size == 0:
+    if path.is_dir():
+        raise ScanError(path, "is a folder, not a NIfTI file")
+    if not path.is_file():
+        raise ScanError(path, "not a regular file (a device, socket or pipe)")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
     try:
         img = nib.load(str(path))
@@ -35,68 +46,108 @@ def _load_image(path: Path):
     return img
 
 
+def _checked_shape(img, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and stored dtype from the header, refused when dimensionless, empty or not greyscale."""
+    try:
+        shape = tuple(int(s) for s in img.shape)
+        dtype = np.dtype(img.get_data_dtype())
+    except Exception as exc:  # noqa: BLE001 - a corrupt header can fail in many ways
+        raise ScanError(path, f"unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
+    if len(shape) < 2:
+        raise ScanError(path, f"image has {len(shape)} dimension(s); need at least 2")
+    if any(s <= 0 for s in shape):
+        raise ScanError(path, f"image has a zero-length axis (shape {'×'.join(map(str, shape))})")
+    if dtype.fields is not None or dtype.kind not in "biufc":
+        raise ScanError(path, f"voxel type {dtype} (RGB or structured): not a greyscale scan")
+    return shape, dtype
+
+
+def _memory_itemsize(dtype: np.dtype) -> int:
+    """Bytes per voxel once read: float32, or the complex type before its magnitude is taken."""
+    return max(4, dtype.itemsize) if dtype.kind == "c" else 4
+
+
+def _to_float32(data: np.ndarray, meta_problems: list[str], complex_mode: str, path: Path) -> np.ndarray:
+    """float32 voxels; complex ones become their magnitude (recorded) or are refused."""
+    if np.iscomplexobj(data):
+        if complex_mode != "magnitude":
+            raise ScanError(path, f"complex-valued voxels ({data.dtype}): refused (complex_mode={complex_mode!r})")
+        message = f"complex-valued voxels ({data.dtype}): read as magnitude |z|"
+        if message not in meta_problems:
+            meta_problems.append(message)
+        return np.abs(data).astype(np.float32)
+    return np.asarray(data, dtype=np.float32)
+
+
 def nifti_affine(img, path: Path) -> tuple[np.ndarray, list[str]]:
-    """The voxel → RAS mm affine: sform when its code is set, else qform, else nibabel's fallback (a problem)."""
+    """The voxel → RAS mm affine: sform when its code is set, else qform, else nibabel's fallback (a problem).
+
+    A non-finite or singular affine is a ScanError; sheared axes are returned as a problem.
+    """
     problems: list[str] = []
-    sform, scode = img.get_sform(coded=True)
-    qform, qcode = img.get_qform(coded=True)
-    if sform is not None and int(scode) > 0:
-        affine = np.asarray(sform, dtype=np.float64)
-    elif qform is not None and int(qcode) > 0:
-        affine = np.asarray(qform, dtype=np.float64)
-    else:
-        affine = np.asarray(img.affine, dtype=np.float64)
-        problems.append("neither sform nor qform is set: geometry is only voxel sizes (orientation unknown)")
-    if not np.all(np.isfinite(affine)):
-        raise ScanError(path, "affine contains NaN or Inf")
-    problems += affine_problems(affine)
-    unit = img.header.get_xyzt_units()[0]
+    try:
+        sform, scode = img.get_sform(coded=True)
+        qform, qcode = img.get_qform(coded=True)
+        if sform is not None and int(scode) > 0:
+            affine = np.asarray(sform, dtype=np.float64)
+        elif qform is not None and int(qcode) > 0:
+            affine = np.asarray(qform, dtype=np.float64)
+        else:
+            affine = np.asarray(img.affine, dtype=np.float64)
+            problems.append("neither sform nor qform is set: geometry is only voxel sizes (orientation unknown)")
+        unit = img.header.get_xyzt_units()[0]
+    except Exception as exc:  # noqa: BLE001 - nibabel fails on corrupt quaternions in many ways
+        raise ScanError(path, f"unreadable NIfTI geometry ({type(exc).__name__}: {exc})") from None
+    problem = geometry_problem(affine)
+    if problem and "not orthonormal" not in problem:
+        raise ScanError(path, problem)
+    if problem:
+        problems.append(problem)
     if unit not in ("mm", "unknown"):
         problems.append(f"spatial unit is {unit!r}, expected mm")
     return affine, problems
 
 
 def affine_problems(affine: np.ndarray) -> list[str]:
-    """Problems with an affine's 3x3 part: zero-size voxels and non-orthogonal (sheared) axes."""
-    m = np.asarray(affine, dtype=np.float64)[:3, :3]
-    norms = np.linalg.norm(m, axis=0)
-    if np.any(norms < 1e-9):
-        return ["affine has a zero-length voxel axis (singular)"]
-    directions = m / norms
-    off = directions.T @ directions - np.eye(3)
-    worst = float(np.abs(off).max())
-    if worst > 1e-3:
-        return [
-            f"affine axes are not orthonormal (sheared by up to {np.degrees(np.arcsin(min(worst, 1))):.2f}°)"
-        ]
-    return []
+    """Problems with an affine: non-finite, singular (zero-size or parallel axes), sheared axes."""
+    problem = geometry_problem(affine)
+    return [problem] if problem else []
 
 
 def nifti_volume_count(path: str | Path) -> int:
     """How many 3D volumes the file holds (product of dimensions 4 and up)."""
     img = _load_image(Path(path))
-    shape = img.shape
+    shape, _ = _checked_shape(img, Path(path))
     return int(np.prod(shape[3:])) if len(shape) > 3 else 1
 
 
-def read_nifti(path: str | Path, index: int | None = None) -> Volume:
+def read_nifti(
+    path: str | Path,
+    index: int | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    complex_mode: str = "magnitude",
+    max_voxels: int | None = None,
+) -> Volume:
     """Read one 3D volume from a NIfTI file (``index`` picks a volume of a 4D file).
 
-    Non-finite voxels and a non-orthonormal affine are recorded in ``meta['problems']``;
-    voxels are never altered.
+    Refused with a ScanError naming the file: a non-finite or singular affine, a zero-length axis, a volume larger than the voxel limit (checked on the header, before reading: see
+    ``medidiff.io.limits``), NaN/Inf voxels unless ``allow_nonfinite`` (then recorded in
+    ``meta['problems']``). A sheared sform (allowed by the NIfTI standard) is kept and recorded in
+    ``meta['problems']``. Complex voxels are read as their magnitude, recorded in ``meta['complex']``
+    and ``meta['problems']``, unless ``complex_mode='refuse'``. Voxels are never altered otherwise.
     """
     path = Path(path)
     img = _load_image(path)
+    shape, dtype = _checked_shape(img, path)
     affine, problems = nifti_affine(img, path)
-    shape = img.shape
-    if len(shape) < 2:
-        raise ScanError(path, f"image has {len(shape)} dimension(s); need at least 2")
+    check_voxels(path, shape[:3], _memory_itemsize(dtype), limit=max_voxels)
     try:
         proxy = img.dataobj
         if len(shape) == 2:
-            data = np.asarray(proxy, dtype=np.float32)[:, :, None]
+            raw = np.asanyarray(proxy)[:, :, None]
         elif len(shape) == 3:
-            data = np.asarray(proxy, dtype=np.float32)
+            raw = np.asanyarray(proxy)
         else:
             n = int(np.prod(shape[3:]))
             if index is None:
@@ -106,14 +157,12 @@ def read_nifti(path: str | Path, index: int | None = None) -> Volume:
             if not 0 <= index < n:
                 raise ScanError(path, f"volume index {index} out of range 0..{n - 1}")
             multi = np.unravel_index(index, shape[3:], order="F")
-            data = np.asarray(proxy[(slice(None),) * 3 + tuple(int(m) for m in multi)], dtype=np.float32)
+            raw = np.asanyarray(proxy[(slice(None),) * 3 + tuple(int(m) for m in multi)])
+        data = _to_float32(np.asarray(raw), problems, complex_mode, path)
     except ScanError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, bad header ...
         raise ScanError(path, f"voxel data unreadable ({type(exc).__name__}: {exc})") from None
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        problems.append(f"{bad} voxel(s) are NaN or Inf")
     description = _description(img, path)
     meta = {
         "modality": "MR",
@@ -122,45 +171,76 @@ def read_nifti(path: str | Path, index: int | None = None) -> Volume:
         "units": "mm",
         "problems": problems,
     }
+    if np.dtype(dtype).kind == "c":
+        meta["complex"] = "magnitude"
     if index is not None and len(shape) > 3:
         meta["index"] = int(index)
-    return Volume(data, affine, meta)
+    vol = Volume(data, affine, meta)
+    # NIfTI's sform is a general affine by the standard: a declared shear is kept, and recorded
+    return check_volume(vol, path, allow_nonfinite=allow_nonfinite, allow_shear=True)
 
 
 def _description(img, path: Path) -> str:
     """The header's descrip field, or the file name without suffixes."""
-    raw = bytes(np.asarray(img.header["descrip"]).tobytes()).split(b"\0")[0]
+    try:
+        raw = bytes(np.asarray(img.header["descrip"]).tobytes()).split(b"\0")[0]
+    except Exception:  # noqa: BLE001 - a missing or odd descrip field is not worth refusing the scan
+        raw = b""
     return raw.decode("ascii", "replace").strip() or path.name.split(".")[0]
 
 
-def probe_nifti(path: str | Path) -> list[dict]:
+def _nonfinite_counts(data: np.ndarray, shape: tuple[int, ...], n: int) -> np.ndarray:
+    """NaN/Inf count of each of the ``n`` 3D volumes in ``data`` (zeros for integer types)."""
+    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating)):
+        return np.zeros(n, dtype=int)
+    flat = np.asarray(data).reshape((*shape[:3], n), order="F") if len(shape) > 3 else np.asarray(data).reshape(-1, 1)
+    return flat.size // max(n, 1) - np.count_nonzero(np.isfinite(flat), axis=tuple(range(flat.ndim - 1)))
+
+
+def probe_nifti(path: str | Path, *, max_voxels: int | None = None) -> list[dict]:
     """Index, shape, affine, description and problems of each 3D volume, reading the voxels only once.
 
-    Used by discovery: a 4D ``.nii.gz`` is decompressed once, not once per volume.
+    Used by discovery: a 4D ``.nii.gz`` is decompressed once, not once per volume, when the whole file
+    fits in the voxel limit; otherwise volume by volume. A file whose single volume exceeds the limit,
+    or whose affine cannot place it, is a ScanError.
     """
     path = Path(path)
     img = _load_image(path)
+    shape, dtype = _checked_shape(img, path)
     affine, problems = nifti_affine(img, path)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) < 2:
-        raise ScanError(path, f"image has {len(shape)} dimension(s); need at least 2")
     n = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    vol_shape = shape[:3] if len(shape) >= 3 else (*shape, 1)
+    itemsize = _memory_itemsize(dtype) if dtype.kind == "c" else max(4, dtype.itemsize)
+    check_voxels(path, vol_shape, itemsize, limit=max_voxels)
     try:
-        data = np.asanyarray(img.dataobj)  # a memory map for .nii; one decompression for .nii.gz
-        if np.issubdtype(data.dtype, np.floating):
-            flat = data.reshape((*shape[:3], n), order="F") if len(shape) > 3 else data.reshape(-1, 1)
-            bad = np.count_nonzero(~np.isfinite(flat), axis=tuple(range(flat.ndim - 1)))
+        try:
+            check_voxels(path, (*vol_shape, n), itemsize, limit=max_voxels)
+            whole = True
+        except ScanTooLargeError:
+            whole = False
+        if whole:
+            data = np.asanyarray(img.dataobj)  # a memory map for .nii; one decompression for .nii.gz
+            bad = _nonfinite_counts(data, shape, n)
+            del data
         else:
             bad = np.zeros(n, dtype=int)
+            for index in range(n):
+                multi = np.unravel_index(index, shape[3:], order="F")
+                part = np.asanyarray(img.dataobj[(slice(None),) * 3 + tuple(int(m) for m in multi)])
+                bad[index] = _nonfinite_counts(part, vol_shape, 1)[0]
+    except ScanError:
+        raise
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, bad header ...
         raise ScanError(path, f"voxel data unreadable ({type(exc).__name__}: {exc})") from None
-    vol_shape = shape[:3] if len(shape) >= 3 else (*shape, 1)
+    if dtype.kind == "c":
+        problems.append(f"complex-valued voxels ({dtype}): read as magnitude |z|")
     description = _description(img, path)
+    total = int(np.prod(vol_shape))
     out = []
     for index in range(n):
         vol_problems = list(problems)
         if bad[index]:
-            vol_problems.append(f"{int(bad[index])} voxel(s) are NaN or Inf")
+            vol_problems.append(nonfinite_problem(int(bad[index]), total))
         out.append(
             {
                 "index": index if len(shape) > 3 and n > 1 else None,

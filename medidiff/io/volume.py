@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+# Largest |cos| allowed between two voxel axes of a scan's affine (0.057°): real scanners and NIfTI's
+# float32 sform stay far below it; a sheared stack (gantry tilt, a broken orientation) does not.
+ORTHOGONALITY_TOLERANCE = 1e-3
+
 
 @dataclass
 class Volume:
@@ -71,3 +75,61 @@ class Volume:
         """Map voxel indices (N, 3) to RAS mm (N, 3)."""
         ijk = np.asarray(ijk, dtype=np.float64)
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def geometry_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine`` cannot place a scan (non-finite, singular, sheared axes), or None when it is sound."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        return f"affine has shape {a.shape}, not 4x4"
+    if not np.all(np.isfinite(a)):
+        return "affine contains NaN or Inf"
+    m = a[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    if np.any(norms < 1e-9) or not np.all(np.isfinite(1.0 / norms)):
+        return "affine is singular: a voxel axis has zero length"
+    directions = m / norms
+    if abs(float(np.linalg.det(directions))) < 1e-6:
+        return "affine is singular: voxel axes are parallel"
+    worst = float(np.abs(directions.T @ directions - np.eye(3)).max())
+    if worst > ORTHOGONALITY_TOLERANCE:
+        angle = float(np.degrees(np.arcsin(min(worst, 1.0))))
+        return f"affine axes are not orthonormal (sheared by up to {angle:.2f}°)"
+    return None
+
+
+def check_volume(
+    vol: Volume, path: str | Path, *, allow_nonfinite: bool = False, allow_shear: bool = False
+) -> Volume:
+    """The invariants every reader guarantees, or a ScanError naming ``path`` and the problem.
+
+    A Volume leaving a reader has at least one voxel along each axis, a finite non-singular affine with
+    orthonormal (not sheared) axes, and finite voxels. With ``allow_nonfinite`` NaN/Inf voxels are kept,
+    with ``allow_shear`` a sheared (still non-singular) affine is kept; each is then recorded in
+    ``meta['problems']`` instead of refused.
+    """
+    from medidiff.io.errors import ScanError
+
+    if 0 in vol.array.shape:
+        raise ScanError(path, f"image has a zero-length axis (shape {'×'.join(map(str, vol.shape))})")
+    problem = geometry_problem(vol.affine)
+    if problem and not (allow_shear and "not orthonormal" in problem):
+        raise ScanError(path, problem)
+    if problem:
+        problems = vol.meta.setdefault("problems", [])
+        if problem not in problems:
+            problems.append(problem)
+    bad = int(vol.array.size - np.count_nonzero(np.isfinite(vol.array)))
+    if bad:
+        message = nonfinite_problem(bad, vol.array.size)
+        if not allow_nonfinite:
+            raise ScanError(path, message)
+        problems = vol.meta.setdefault("problems", [])
+        if message not in problems:
+            problems.append(message)
+    return vol
+
+
+def nonfinite_problem(bad: int, total: int) -> str:
+    """The wording of a NaN/Inf count, shared by discovery and the readers."""
+    return f"{bad} voxel(s) are NaN or Inf (of {total})"
