@@ -43,8 +43,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from medidiff.data.datasets import intensity_scale
 
 __all__ = [
-    "MIN_AMPLITUDE",
     "FRC_THRESHOLD",
+    "MIN_AMPLITUDE",
     "SUPPORT_RATIO",
     "band_masks",
     "flag_precision_recall",
@@ -105,8 +105,16 @@ def _band_energy(spectra: np.ndarray, band: np.ndarray) -> np.ndarray:
 
 
 def _plane_scores(
-    enhanced: np.ndarray, classical: np.ndarray, samples: np.ndarray | None, filled: np.ndarray,
-    upper: np.ndarray, patch: int, stride: int, floor: float, support_ratio: float, frc_threshold: float,
+    enhanced: np.ndarray,
+    classical: np.ndarray,
+    samples: np.ndarray | None,
+    filled: np.ndarray,
+    upper: np.ndarray,
+    patch: int,
+    stride: int,
+    floor: float,
+    support_ratio: float,
+    frc_threshold: float,
 ) -> np.ndarray:
     """Per-voxel score map of one 2D plane."""
     win = _window(patch)

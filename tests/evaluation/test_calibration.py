@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -41,7 +42,7 @@ def _case(name: str, seed: int, k: int = 8, std_factor: float = 1.0) -> Calibrat
     rng = np.random.default_rng(seed)
     truth, body = _phantom(rng)
     scale = float(np.percentile(truth, 99.5))
-    yy, xx = np.mgrid[:SIZE, :SIZE] / (SIZE - 1)
+    _yy, xx = np.mgrid[:SIZE, :SIZE] / (SIZE - 1)
     s = scale * 0.002 * 1000**xx  # 0.2 % .. 200 % of the scale from left to right
     pred = truth + s * rng.standard_normal(truth.shape)
     samples = pred + s * rng.standard_normal((k, *truth.shape))
@@ -100,8 +101,13 @@ def test_std_reported_three_times_too_small_is_fixed_by_quantile() -> None:
 def test_zero_spread_voxels_get_a_finite_width() -> None:
     cases = [_case(f"z{i}", i) for i in range(6)]
     cases = [
-        CalibrationCase(c.name, np.where(np.arange(c.std.size).reshape(c.std.shape) % 7 == 0, 0, c.std),
-                        c.abs_err, c.mask, c.scale)
+        CalibrationCase(
+            c.name,
+            np.where(np.arange(c.std.size).reshape(c.std.shape) % 7 == 0, 0, c.std),
+            c.abs_err,
+            c.mask,
+            c.scale,
+        )
         for c in cases
     ]
     calib = calibrate(cases, 0.9)
@@ -116,7 +122,7 @@ def test_reliability_curve_follows_the_diagonal(split) -> None:
     assert [r["nominal"] for r in curve] == [0.5, 0.7, 0.9, 0.99]
     for row in curve:
         assert abs(row["empirical"] - row["nominal"]) < 0.02, row
-    assert all(a["quantile"] < b["quantile"] for a, b in zip(curve, curve[1:]))
+    assert all(a["quantile"] < b["quantile"] for a, b in itertools.pairwise(curve))
 
 
 def test_scan_level_uncertainty_follows_scan_error() -> None:

@@ -41,8 +41,15 @@ def scene() -> dict:
     rng = np.random.default_rng(0)
     good = OP.project(_t(ref + 0.01 * rng.standard_normal(ref.shape)), y)[0].numpy()
     yy, xx = np.mgrid[: ref.shape[0], : ref.shape[1]]
-    return {"ref": ref, "classical": classical, "good": good, "mask": body_mask(classical), "rng": rng,
-            "yy": yy, "xx": xx}
+    return {
+        "ref": ref,
+        "classical": classical,
+        "good": good,
+        "mask": body_mask(classical),
+        "rng": rng,
+        "yy": yy,
+        "xx": xx,
+    }
 
 
 def _bump(scene: dict, cy: int, cx: int, r: float) -> np.ndarray:
@@ -66,9 +73,12 @@ def test_band_masks_split_the_spectrum() -> None:
 
 def test_faithful_outputs_are_not_flagged(scene: dict) -> None:
     for output in (scene["ref"], scene["classical"], scene["good"]):
-        assert flag_summary(flags(output, scene["classical"], task="sr", factor=FACTOR), scene["mask"])[
-            "flagged_fraction"
-        ] == 0.0
+        assert (
+            flag_summary(flags(output, scene["classical"], task="sr", factor=FACTOR), scene["mask"])[
+                "flagged_fraction"
+            ]
+            == 0.0
+        )
 
 
 def test_planted_texture_is_flagged(scene: dict) -> None:
@@ -93,8 +103,10 @@ def test_disagreeing_samples_flag_more_than_one_image(scene: dict) -> None:
     """K samples that each invent a different texture in one region: the mean hides it, the spread does not."""
     rng = scene["rng"]
     samples = np.stack(
-        [scene["good"] + _texture(scene) + _highpass(0.01 * rng.standard_normal(scene["ref"].shape))
-         for _ in range(4)]
+        [
+            scene["good"] + _texture(scene) + _highpass(0.01 * rng.standard_normal(scene["ref"].shape))
+            for _ in range(4)
+        ]
     )
     mean = samples.mean(axis=0)
     region = _bump(scene, 60, 70, 10) > 0.3
@@ -110,12 +122,23 @@ def test_volume_input_is_scored_plane_by_plane(scene: dict) -> None:
     out = scene["good"] + _texture(scene)
     vol_out = np.stack([scene["good"], out, scene["good"]], axis=0)  # planes along axis 0
     vol_cls = np.stack([scene["classical"]] * 3, axis=0)
-    scores = flag_scores(vol_out, vol_cls, task="sr", factor=FACTOR, slice_axis=0,
-                         scale=float(np.percentile(scene["classical"], 99.5)))
+    scores = flag_scores(
+        vol_out,
+        vol_cls,
+        task="sr",
+        factor=FACTOR,
+        slice_axis=0,
+        scale=float(np.percentile(scene["classical"], 99.5)),
+    )
     assert scores.shape == vol_out.shape and scores.dtype == np.float32
     assert scores[1].max() >= 1 and scores[0].max() < 1 and scores[2].max() < 1
-    plane = flag_scores(out, scene["classical"], task="sr", factor=FACTOR,
-                        scale=float(np.percentile(scene["classical"], 99.5)))
+    plane = flag_scores(
+        out,
+        scene["classical"],
+        task="sr",
+        factor=FACTOR,
+        scale=float(np.percentile(scene["classical"], 99.5)),
+    )
     np.testing.assert_allclose(scores[1], plane, rtol=1e-5)
 
 
