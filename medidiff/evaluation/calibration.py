@@ -112,16 +112,25 @@ class CalibrationCase:
 
 
 def make_case(
-    name: str, enhanced: np.ndarray, reference: np.ndarray, std: np.ndarray, mask: np.ndarray | None = None
+    name: str,
+    enhanced: np.ndarray,
+    reference: np.ndarray,
+    std: np.ndarray,
+    mask: np.ndarray | None = None,
+    scale: float | None = None,
 ) -> CalibrationCase:
-    """A case from an enhanced scan, its reference and its K-sample std; mask and scale from the enhanced image."""
+    """A case from an enhanced scan, its reference and its K-sample std.
+
+    Mask and scale default to those of the enhanced image; pass ``scale`` to use the one the pipeline
+    normalised with, so that calibration and :func:`apply` see the same number.
+    """
     enhanced = np.asarray(enhanced, dtype=np.float32)
     return CalibrationCase(
         name=name,
         std=np.asarray(std, dtype=np.float32),
         abs_err=np.abs(enhanced - np.asarray(reference, dtype=np.float32)),
         mask=body_mask(enhanced) if mask is None else np.asarray(mask, bool),
-        scale=intensity_scale(enhanced),
+        scale=intensity_scale(enhanced) if scale is None else float(scale),
     )
 
 

@@ -169,12 +169,16 @@ def flag_scores(
     support_ratio: float = SUPPORT_RATIO,
     frc_threshold: float = FRC_THRESHOLD,
     slice_axis: int = -1,
+    thick_axis: int = -1,
     scale: float | None = None,
 ) -> np.ndarray:
     """Per-voxel hallucination score (float32, same shape as ``enhanced``); >= 1 means flagged.
 
     ``samples``: optional ``(K, *enhanced.shape)`` posterior samples (used when K >= 2). 2D inputs are one
-    plane; 3D inputs are analysed plane by plane across ``slice_axis``.
+    plane (for ``sr_thick`` its last axis is the thick one). 3D inputs are analysed plane by plane across
+    ``slice_axis``; for ``sr_thick`` the planes contain ``thick_axis`` (across ``slice_axis`` unless that is
+    the thick axis, then across the first other axis). ``scale`` defaults to the classical image's robust
+    intensity scale.
     """
     enhanced = np.asarray(enhanced)
     classical = np.asarray(classical)
@@ -195,16 +199,24 @@ def flag_scores(
     args = (filled, upper, patch, stride, floor, support_ratio, frc_threshold)
     if enhanced.ndim == 2:
         return _plane_scores(enhanced, classical, samples, *args).astype(np.float32)
-    enh = np.moveaxis(enhanced, slice_axis, 0)
-    cls = np.moveaxis(classical, slice_axis, 0)
-    smp = None if samples is None else np.moveaxis(samples, slice_axis % 3 + 1, 1)
+    across = slice_axis % 3
+    if task == "sr_thick":
+        thick = thick_axis % 3
+        if across == thick:
+            across = next(a for a in range(3) if a != thick)
+        order = (across, next(a for a in range(3) if a not in (across, thick)), thick)
+    else:
+        order = (across, *(a for a in range(3) if a != across))
+    enh = np.transpose(enhanced, order)
+    cls = np.transpose(classical, order)
+    smp = None if samples is None else np.transpose(samples, (0, *(a + 1 for a in order)))
     out = np.stack(
         [
             _plane_scores(enh[i], cls[i], None if smp is None else smp[:, i], *args)
             for i in range(enh.shape[0])
         ]
     )
-    return np.moveaxis(out, 0, slice_axis).astype(np.float32)
+    return np.transpose(out, np.argsort(order)).astype(np.float32)
 
 
 def flags(

@@ -142,6 +142,21 @@ def test_volume_input_is_scored_plane_by_plane(scene: dict) -> None:
     np.testing.assert_allclose(scores[1], plane, rtol=1e-5)
 
 
+def test_thick_slice_volumes_use_planes_that_contain_the_thick_axis() -> None:
+    rng = np.random.default_rng(5)
+    vol = rng.random((40, 6, 48)).astype(np.float32)  # thick axis 2
+    cls = vol * 0.5
+    scores = flag_scores(vol, cls, task="sr_thick", factor=4, thick_axis=2, slice_axis=2, scale=1.0)
+    # planes across axis 0 (the first non-thick axis), each (6, 48) with the thick axis last
+    for i in (0, 17):
+        plane = flag_scores(vol[i], cls[i], task="sr_thick", factor=4, scale=1.0, patch=32, stride=16)
+        np.testing.assert_allclose(scores[i], plane, rtol=1e-5)
+    across_1 = flag_scores(vol, cls, task="sr_thick", factor=4, thick_axis=2, slice_axis=1, scale=1.0)
+    np.testing.assert_allclose(
+        across_1[:, 3], flag_scores(vol[:, 3], cls[:, 3], task="sr_thick", factor=4, scale=1.0), rtol=1e-5
+    )
+
+
 def test_precision_recall_known_values() -> None:
     err = np.zeros((10, 10))
     err[0, :5] = 1.0  # the top 5 % of 100 voxels
