@@ -7,7 +7,7 @@ in Angelopoulos et al., ICML 2022) turns it into an interval with a stated cover
 
 * on held-out calibration cases (reference known), every body voxel gives a score
   ``s = |error| / (sigma + eps)``, all intensities divided by the scan's robust scale
-  (:func:`medidiff.data.datasets.intensity_scale`), so cases of different brightness pool;
+  (:func:`medidiff.tasks.intensity_scale`), so cases of different brightness pool;
 * ``q`` is the ``ceil((n + 1)(1 - alpha)) / n`` empirical quantile of the ``n`` scores (the finite-sample
   correction; ``inf`` when that rank exceeds ``n``);
 * on a new scan the calibrated half-width is ``q * (sigma + eps * scale)``: ``|error| <= half-width`` holds
@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.stats import pearsonr, spearmanr
 from skimage.filters import threshold_otsu
 
-from medidiff.data.datasets import intensity_scale
+from medidiff.tasks import intensity_scale
 
 __all__ = [
     "CALIBRATION_FILE",

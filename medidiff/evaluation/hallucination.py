@@ -40,7 +40,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from medidiff.data.datasets import intensity_scale
+from medidiff.tasks import intensity_scale
 
 __all__ = [
     "FRC_THRESHOLD",

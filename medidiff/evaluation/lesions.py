@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.special import erfc
 from skimage.measure import regionprops
 
-from medidiff.data.datasets import intensity_scale
+from medidiff.tasks import intensity_scale
 from medidiff.evaluation.calibration import body_mask
 
 __all__ = [
