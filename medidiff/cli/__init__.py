@@ -6,7 +6,9 @@ Each sub-command lives in its own module of this package and registers itself on
 
 from medidiff.cli.root import app, main
 
-# isort: split
-from medidiff.cli import convert, data, demo, enhance, evaluate, info, simulate, train
+# `medidiff --help` lists the commands in the order they are imported: a user's workflow order.
+# isort: off
+from medidiff.cli import info, convert, simulate, train, enhance, evaluate, demo, data
+# isort: on
 
 __all__ = ["app", "convert", "data", "demo", "enhance", "evaluate", "info", "main", "simulate", "train"]
