@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -133,9 +133,21 @@ def test_every_part_of_the_package_has_a_layer() -> None:
     assert not parts - set(LAYERS), f"place these in LAYERS (ARCHITECTURE.md's order): {parts - set(LAYERS)}"
 
 
+def describe(cycles: list[list[str]], key: Callable[[str], str]) -> str:
+    """Each cycle with the import statements (file:line) that close it."""
+    lines = []
+    for cycle in cycles:
+        lines.append(" <-> ".join(cycle))
+        for source in module_names():
+            for target, line in imports_of(source):
+                if key(source) in cycle and key(target) in cycle and key(source) != key(target):
+                    lines.append(f"    {module_path(source).relative_to(ROOT)}:{line} imports {target}")
+    return "\n".join(dict.fromkeys(lines))
+
+
 def test_no_import_cycle_between_modules() -> None:
     cycles = find_cycles(import_graph())
-    assert not cycles, "import cycles among medidiff's modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "import cycles among medidiff's modules:\n" + describe(cycles, lambda m: m)
 
 
 def test_no_import_cycle_between_layers() -> None:
@@ -143,7 +155,7 @@ def test_no_import_cycle_between_layers() -> None:
     for source, targets in import_graph().items():
         graph.setdefault(part(source), set()).update(part(t) for t in targets if part(t) != part(source))
     cycles = find_cycles(graph)
-    assert not cycles, "import cycles among medidiff's layers:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "import cycles among medidiff's layers:\n" + describe(cycles, part)
 
 
 def test_lower_layers_never_import_higher_ones() -> None:
