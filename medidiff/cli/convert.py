@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from medidiff.cli import app
+from medidiff.cli.root import app
+from medidiff.io.dicom_read import pydicom_messages, warning_problems
+from medidiff.io.dicom_write import write_dicom_series
+from medidiff.io.discover import discover
+from medidiff.io.errors import ScanError
+from medidiff.io.kspace import KSpaceData
+from medidiff.io.nifti import write_nifti
 
 
 @app.command("convert")
@@ -27,12 +35,6 @@ def convert(
 ) -> None:
     """Convert every scan under PATH, keeping its world geometry. k-space files are converted as their
     magnitude image. Problems are printed per file; the exit code is 1 when nothing could be converted."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from medidiff.io.dicom_read import pydicom_messages, warning_problems
-    from medidiff.io.discover import discover
-    from medidiff.io.errors import ScanError
-
     to = to.lower()
     if to not in ("nifti", "dicom"):
         typer.echo(f"error: --to must be 'nifti' or 'dicom', not {to!r}", err=True)
@@ -42,8 +44,6 @@ def convert(
         raise typer.Exit(2)
     sources = list(discover(path))
     converted, failed = 0, 0
-    from rich.console import Console
-
     say = typer.echo  # plain lines on stdout (never wrapped); the progress bar goes to stderr
     with Progress(
         TextColumn("{task.description}"),
@@ -80,10 +80,6 @@ def convert(
 
 def _convert_one(source, out: Path, to: str, name: str) -> tuple[Path, list[str]]:
     """Load one scan and write it; returns the output path and the problems found while loading."""
-    from medidiff.io.dicom_write import write_dicom_series
-    from medidiff.io.kspace import KSpaceData
-    from medidiff.io.nifti import write_nifti
-
     scan = source.load()
     vol = scan.image() if isinstance(scan, KSpaceData) else scan
     if to == "nifti":

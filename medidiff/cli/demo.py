@@ -8,13 +8,25 @@ metrics against the references.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from medidiff.cli import app
+from medidiff.cli.root import app
+from medidiff.data.shipped import mni_t1, real_evaluation_volumes
+from medidiff.evaluation.metrics import psnr, ssim
+from medidiff.io import Volume, atomic, read_nifti, write_dicom_series, write_kspace, write_nifti
+from medidiff.physics.simulate import simulate_recon, simulate_sr
+from medidiff.pipeline.batch import run_batch
+from medidiff.pipeline.settings import EnhanceSettings
+from medidiff.review.report import preview_strip, write_report
 
 DEMO_SEED = 20261126
 
@@ -43,10 +55,6 @@ def build_demo_inputs(root: Path, *, seed: int = DEMO_SEED) -> list[dict[str, st
     Returns one record per case: its input path (relative to the input folder), its reference NIfTI and
     what was simulated.
     """
-    from medidiff.data.shipped import mni_t1, real_evaluation_volumes
-    from medidiff.io import Volume, write_dicom_series, write_kspace, write_nifti
-    from medidiff.physics.simulate import simulate_recon, simulate_sr
-
     inp, ref = root / "input", root / "reference"
     cases: list[dict[str, str]] = []
     held_out = real_evaluation_volumes()
@@ -117,9 +125,6 @@ def build_demo_inputs(root: Path, *, seed: int = DEMO_SEED) -> list[dict[str, st
 
 def demo_metrics(root: Path, cases: list[dict[str, str]], manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """PSNR/SSIM of the 'before' (baseline) and the enhanced image against each case's reference."""
-    from medidiff.evaluation.metrics import psnr, ssim
-    from medidiff.io import read_nifti
-
     rows = []
     by_input = {e["input"]: e for e in manifest["scans"].values()}
     for case in cases:
@@ -164,16 +169,6 @@ def demo(
     ),
 ) -> None:
     """Simulate, enhance, report."""
-    import json
-    import os
-    import shutil
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from medidiff.pipeline.batch import run_batch
-    from medidiff.pipeline.worker import EnhanceSettings
-
     console = Console(stderr=True)
     out = out.resolve()
     cases_file = out / "reference" / "cases.json"
@@ -184,12 +179,19 @@ def demo(
         shutil.rmtree(out / "input", ignore_errors=True)
         with console.status("simulating degraded scans from shipped real data ..."):
             cases = build_demo_inputs(out)
-        cases_file.write_text(json.dumps(cases, indent=1))
+        atomic.write_text(cases_file, json.dumps(cases, indent=1))
     cases = json.loads(cases_file.read_text())
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     settings = EnhanceSettings(samples=samples, steps=steps, seed=0)
     summary = run_batch(
-        out / "input", out / "output", settings, engine=engine, tracking_uri=uri, console=console
+        out / "input",
+        out / "output",
+        settings,
+        engine=engine,
+        tracking_uri=uri,
+        console=console,
+        report=write_report,
+        preview=preview_strip,
     )
     manifest = json.loads((out / "output" / "manifest.json").read_text())
     rows = demo_metrics(out, cases, manifest)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
-from medidiff.cli import app
+from medidiff.cli.root import app
+from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
+from medidiff.pipeline.batch import EXIT_USAGE, BatchUsageError, run_batch
+from medidiff.pipeline.settings import EnhanceSettings
+from medidiff.review.report import preview_strip, write_report
 
 EXIT_STATUS_HELP = (
     "Exit status: 0 all scans succeeded; 3 some scans failed (see the manifest); 2 usage error."
@@ -88,11 +93,6 @@ def enhance(
     no_report: bool = typer.Option(False, "--no-report", help="Do not write OUT/report.html."),
 ) -> None:
     """Enhance every scan under IN into OUT."""
-    from rich.console import Console
-
-    from medidiff.pipeline.batch import EXIT_USAGE, BatchUsageError, run_batch
-    from medidiff.pipeline.worker import EnhanceSettings
-
     console = Console(stderr=True)
     try:
         settings = EnhanceSettings(
@@ -129,7 +129,8 @@ def enhance(
             threads=threads,
             device=device,
             console=console,
-            report=not no_report,
+            report=None if no_report else write_report,
+            preview=preview_strip,
         )
     except BatchUsageError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -143,9 +144,6 @@ def enhance(
 
 def _check_factor(factor: int, task: str, models: tuple[str, ...]) -> None:
     """Refuse --factor when the model that would run for the SR task does another factor."""
-    from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
-    from medidiff.pipeline.batch import BatchUsageError
-
     if task not in ("sr", "sr_thick"):
         raise BatchUsageError(f"--factor needs --task sr or --task sr_thick (got --task {task})")
     chosen = weights_dir() / DEFAULT_MODELS[task]

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from medidiff.cli import app
+from medidiff.cli.root import app
+from medidiff.io.discover import discover
+from medidiff.io.errors import ScanError
 
 
 @app.command("info")
@@ -26,9 +30,6 @@ def info(
     """List the scans found under PATH: kind, shape, spacing, RAS affine, modality, description, file count
     and problems. Broken files are listed with their problem; the exit code is 0 whenever PATH could be
     scanned, 2 when it does not exist."""
-    from medidiff.io.discover import discover
-    from medidiff.io.errors import ScanError
-
     if not path.exists():
         typer.echo(f"error: {path}: path does not exist", err=True)
         raise typer.Exit(2)
@@ -40,9 +41,6 @@ def info(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{len(rows)} scan(s) under {path}")
     for column in ("path", "kind", "shape", "spacing (mm)", "modality", "description", "files", "problems"):
         table.add_column(column, overflow="fold")

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
+from medidiff import __version__
 from medidiff.io.atomic import atomic_dir
 from medidiff.io.dicom_read import LPS_TO_RAS
 from medidiff.io.errors import ScanError
@@ -69,8 +75,6 @@ _STORED_RANGE = 32000  # int16 codes used: [-32000, 32000]
 
 def _ds(value: float) -> str:
     """A Decimal String of at most 16 characters."""
-    from pydicom.valuerep import format_number_as_ds
-
     return format_number_as_ds(float(value))
 
 
@@ -91,7 +95,7 @@ def quantise(array: np.ndarray) -> tuple[np.ndarray, str, str]:
     return codes.astype(np.int16), slope_s, intercept_s
 
 
-def _source_header(vol: Volume, source: Volume | None):
+def _source_header(vol: Volume, source: Volume | None) -> tuple[Volume | None, Dataset | None]:
     """The DICOM header of the source (or of the volume itself when it was read from DICOM)."""
     for candidate in (source, vol):
         if candidate is not None and candidate.meta.get("dicom_header") is not None:
@@ -99,64 +103,50 @@ def _source_header(vol: Volume, source: Volume | None):
     return None, None
 
 
-def _code_item(code: tuple[str, str, str]):
-    from pydicom.dataset import Dataset
-
+def _code_item(code: tuple[str, str, str]) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
     return item
 
 
-def write_dicom_series(
-    vol: Volume,
-    out_dir: str | Path,
-    *,
-    source: Volume | None = None,
-    series_description: str = "medidiff derived",
-    derivation_description: str = "medidiff",
-    series_number: int | None = None,
-) -> list[Path]:
-    """Write ``vol`` as a derived MR series into ``out_dir`` (replaced whole or not at all).
+@dataclass(frozen=True)
+class SliceGeometry:
+    """The series' geometry in DICOM LPS: in-plane directions and spacings, slice normal, slice step."""
 
-    Patient, study and frame of reference are kept when the source was DICOM, otherwise new
-    placeholders. Each file references the source slice(s) its slice overlaps along the normal
-    (SourceImageSequence, with ReferencedFrameNumber for an enhanced source) and lists those instances
-    under the source series in ReferencedSeriesSequence (Common Instance Reference module).
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    lps: np.ndarray  # 4x4 voxel -> LPS mm
+    row_dir: np.ndarray  # direction of increasing column index (voxel axis i)
+    col_dir: np.ndarray  # direction of increasing row index (voxel axis j)
+    spacing_i: float
+    spacing_j: float
+    normal: np.ndarray
+    slice_gap: float
 
-    out_dir = Path(out_dir)
-    array = np.asarray(vol.array, dtype=np.float32)
-    if not np.all(np.isfinite(array)):
-        raise ScanError(out_dir, "volume has NaN or Inf values; cannot store them in DICOM")
-    lps = LPS_TO_RAS @ np.asarray(vol.affine, dtype=np.float64)
+    def position(self, k: int) -> np.ndarray:
+        """ImagePositionPatient of slice ``k`` (centre of its first voxel, LPS mm)."""
+        return self.lps[:3, 3] + k * self.lps[:3, 2]
+
+
+def slice_geometry(affine: np.ndarray, out_dir: Path) -> SliceGeometry:
+    """LPS geometry of a RAS affine; refuses in-plane axes that are not orthogonal (DICOM cannot store them)."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
     col_i, col_j, col_k = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     sp_i, sp_j = float(np.linalg.norm(col_i)), float(np.linalg.norm(col_j))
     row_dir, col_dir = col_i / sp_i, col_j / sp_j
     if abs(float(row_dir @ col_dir)) > 1e-4:
         raise ScanError(out_dir, "in-plane axes of the affine are not orthogonal; DICOM cannot store that")
     normal = np.cross(row_dir, col_dir)
-    slice_gap = abs(float(col_k @ normal))
+    return SliceGeometry(lps, row_dir, col_dir, sp_i, sp_j, normal, abs(float(col_k @ normal)))
 
-    codes, slope_s, intercept_s = quantise(array)
+
+def display_window(array: np.ndarray) -> tuple[float, float]:
+    """WindowCenter and WindowWidth covering the 0.5-99.5 percentile range of the values."""
     lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0.0, 1.0)
     width = float(hi - lo) if hi > lo else float(max(abs(hi), 1.0))
-    center = float((hi + lo) / 2)
+    return float((hi + lo) / 2), width
 
-    src_vol, src_hdr = _source_header(vol, source)
-    now = _dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    series_uid = generate_uid()
-    src_number = None
-    if src_hdr is not None:
-        try:
-            src_number = int(src_hdr.get("SeriesNumber"))
-        except (TypeError, ValueError):
-            src_number = None
-    if series_number is None:
-        series_number = 1000 + (src_number or 0) % 1000
 
+def _patient_study(src_hdr: Dataset | None, date: str, time: str) -> Dataset:
+    """Patient, study, frame of reference (and MR acquisition attributes): the source's, or new placeholders."""
     common = Dataset()
     if src_hdr is not None:
         keep = ("SpecificCharacterSet",) + _KEEP_PATIENT + _KEEP_STUDY
@@ -204,53 +194,129 @@ def write_dicom_series(
         # type 2C: dciodvfy errors when it is absent and it cannot tell the body part is unpaired, and only
         # warns when it is empty, so the source's value (or empty, "unknown") is written
         common.Laterality = src_hdr.get("Laterality", "") if src_hdr is not None else ""
-    common.SeriesInstanceUID = series_uid
+    return common
+
+
+def _series_number(src_hdr: Dataset | None) -> int:
+    """1000 + the source's series number (mod 1000), so the derived series sorts next to its source."""
+    src_number = None
+    if src_hdr is not None:
+        try:
+            src_number = int(src_hdr.get("SeriesNumber"))
+        except (TypeError, ValueError):
+            src_number = None
+    return 1000 + (src_number or 0) % 1000
+
+
+def _series_dataset(
+    src_hdr: Dataset | None,
+    geometry: SliceGeometry,
+    array: np.ndarray,
+    slope_intercept: tuple[str, str],
+    *,
+    series_description: str,
+    derivation_description: str,
+    series_number: int,
+) -> Dataset:
+    """The attributes every file of the series shares: patient/study, series, image plane and pixel encoding."""
+    now = _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    common = _patient_study(src_hdr, date, time)
+    common.SeriesInstanceUID = generate_uid()
     common.SeriesNumber = int(series_number)
     common.SeriesDescription = series_description[:64]
     common.SeriesDate, common.SeriesTime = date, time
     common.Manufacturer = "medidiff"
-    common.SoftwareVersions = _version()
+    common.SoftwareVersions = f"medidiff {__version__}"
     common.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     common.DerivationDescription = derivation_description[:1024]
     common.ContentDate, common.ContentTime = date, time
     common.InstanceCreationDate, common.InstanceCreationTime = date, time
-    common.PixelSpacing = [_ds(sp_j), _ds(sp_i)]  # row spacing (along j), column spacing (along i)
-    common.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-    common.SliceThickness = _ds(slice_gap)
-    common.SpacingBetweenSlices = _ds(slice_gap)
+    common.PixelSpacing = [_ds(geometry.spacing_j), _ds(geometry.spacing_i)]  # row spacing (j), column (i)
+    common.ImageOrientationPatient = [_ds(v) for v in (*geometry.row_dir, *geometry.col_dir)]
+    common.SliceThickness = _ds(geometry.slice_gap)
+    common.SpacingBetweenSlices = _ds(geometry.slice_gap)
     common.SamplesPerPixel = 1
     common.PhotometricInterpretation = "MONOCHROME2"
     common.Rows, common.Columns = int(array.shape[1]), int(array.shape[0])
     common.BitsAllocated, common.BitsStored, common.HighBit = 16, 16, 15
     common.PixelRepresentation = 1
-    common.RescaleSlope, common.RescaleIntercept, common.RescaleType = slope_s, intercept_s, "US"
+    common.RescaleSlope, common.RescaleIntercept = slope_intercept
+    common.RescaleType = "US"
+    center, width = display_window(array)
     common.WindowCenter, common.WindowWidth = _ds(center), _ds(width)
     if width < 1:
         common.VOILUTFunction = "LINEAR_EXACT"
     common.SOPClassUID = MR_IMAGE_STORAGE
+    return common
 
+
+def _slice_dataset(
+    common: Dataset, geometry: SliceGeometry, k: int, codes: np.ndarray, source_slices: list[int] | None,
+    refs: _SourceRefs | None,
+) -> Dataset:
+    """One file of the series: the shared attributes plus slice ``k``'s position, references and pixels."""
+    ds = Dataset()
+    ds.update(common)
+    sop_uid = generate_uid()
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    position = geometry.position(k)
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.SliceLocation = _ds(float(position @ geometry.normal))
+    if refs is not None and source_slices is not None:
+        refs.add_to(ds, source_slices)
+    ds.PixelData = np.ascontiguousarray(codes[:, :, k].T).astype("<i2").tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def write_dicom_series(
+    vol: Volume,
+    out_dir: str | Path,
+    *,
+    source: Volume | None = None,
+    series_description: str = "medidiff derived",
+    derivation_description: str = "medidiff",
+    series_number: int | None = None,
+) -> list[Path]:
+    """Write ``vol`` as a derived MR series into ``out_dir`` (replaced whole or not at all).
+
+    Patient, study and frame of reference are kept when the source was DICOM, otherwise new
+    placeholders. Each file references the source slice(s) its slice overlaps along the normal
+    (SourceImageSequence, with ReferencedFrameNumber for an enhanced source) and lists those instances
+    under the source series in ReferencedSeriesSequence (Common Instance Reference module).
+    """
+    out_dir = Path(out_dir)
+    array = np.asarray(vol.array, dtype=np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ScanError(out_dir, "volume has NaN or Inf values; cannot store them in DICOM")
+    geometry = slice_geometry(vol.affine, out_dir)
+    codes, slope_s, intercept_s = quantise(array)
+    src_vol, src_hdr = _source_header(vol, source)
+    common = _series_dataset(
+        src_hdr,
+        geometry,
+        array,
+        (slope_s, intercept_s),
+        series_description=series_description,
+        derivation_description=derivation_description,
+        series_number=_series_number(src_hdr) if series_number is None else series_number,
+    )
     refs = _SourceRefs(src_vol, src_hdr) if src_vol is not None else None
-
-    n_slices = array.shape[2]
+    if refs is not None and not refs.uids:
+        refs = None
     written: list[Path] = []
     with atomic_dir(out_dir) as tmp:
-        for k in range(n_slices):
-            ds = Dataset()
-            ds.update(common)
-            sop_uid = generate_uid()
-            ds.SOPInstanceUID = sop_uid
-            ds.InstanceNumber = k + 1
-            position = lps[:3, 3] + k * col_k
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.SliceLocation = _ds(float(position @ normal))
-            if refs is not None and refs.uids:
-                refs.add_to(ds, _overlapping_source_slices(src_vol, vol.affine, array.shape, k))
-            ds.PixelData = np.ascontiguousarray(codes[:, :, k].T).astype("<i2").tobytes()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
+        for k in range(array.shape[2]):
+            overlap = (
+                _overlapping_source_slices(src_vol, vol.affine, array.shape, k) if refs is not None else None
+            )
+            ds = _slice_dataset(common, geometry, k, codes, overlap, refs)
             name = f"IM{k + 1:05d}.dcm"
             ds.save_as(tmp / name, enforce_file_format=True)
             written.append(out_dir / name)
@@ -276,9 +342,6 @@ class _SourceRefs:
     def add_to(self, ds, slices: list[int]) -> None:
         """Add SourceImageSequence (one item per instance, with its frames) and the matching
         ReferencedSeriesSequence (Common Instance Reference module) for source ``slices``."""
-        from pydicom.dataset import Dataset
-        from pydicom.sequence import Sequence
-
         by_uid: dict[str, list[int]] = {}
         for s in slices:
             s = min(max(s, 0), len(self.uids) - 1)
@@ -325,9 +388,3 @@ def _overlapping_source_slices(src: Volume, affine: np.ndarray, shape, k: int) -
     lo, hi = int(np.ceil(c - half - 0.5 + eps)), int(np.floor(c + half + 0.5 - eps))
     inside = [s for s in range(lo, hi + 1) if 0 <= s < n_src]
     return inside or [int(np.clip(np.round(c), 0, n_src - 1))]
-
-
-def _version() -> str:
-    from medidiff import __version__
-
-    return f"medidiff {__version__}"

@@ -18,17 +18,20 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from medidiff.io.discover import discover
+from medidiff.pipeline.decoding import IsolatedDecoder
 from medidiff.pipeline.manifest import Manifest, clean_stale_temporaries, input_fingerprint
-from medidiff.pipeline.worker import (
-    EnhanceSettings,
-    IsolatedDecoder,
-    ModelCache,
-    ScanJob,
-    geometry_task,
-    output_folder_rel,
-    output_stem,
-    process_scan,
-)
+from medidiff.pipeline.model_cache import ModelCache
+from medidiff.pipeline.ray_engine import RayEngine
+from medidiff.pipeline.settings import EnhanceSettings, ScanJob, output_folder_rel, output_stem
+from medidiff.pipeline.worker import geometry_task, process_scan
+from medidiff.tracking import tracking_run
+
+# Services of the review layer, passed in by the caller (the pipeline never imports review):
+ReportWriter = Callable[[Path, dict[str, Any]], Path]
+"""Writes the batch's report from OUT and the manifest's dict; returns the report's path."""
+PreviewMaker = Callable[[Path, dict[str, Any]], Any]
+"""Makes one finished scan's preview image (an array MLflow can log) from OUT and its entry, or None."""
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -94,8 +97,6 @@ def plan(
     input_root: Path, manifest: Manifest, settings: EnhanceSettings, force: bool = False
 ) -> Iterator[PlanItem]:
     """Stream the scans under IN (discovery is lazy) with what to do with each."""
-    from medidiff.io.discover import discover
-
     params = settings.fingerprint_params()
     seen_stems: set[tuple[str, str]] = set()  # one small tuple per scan, not the scan's data
     for source in discover(input_root):
@@ -146,7 +147,7 @@ class LocalEngine:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
         self.models = ModelCache(settings.models, device=device)
         self.description = (
-            f"local: 1 process, {torch.get_num_threads()} torch thread(s), device {self.models._device()}"
+            f"local: 1 process, {torch.get_num_threads()} torch thread(s), device {self.models.resolved_device()}"
         )
         self.decoder = IsolatedDecoder(settings.decode_timeout_s)
 
@@ -171,9 +172,7 @@ class LocalEngine:
             yield job, entry
 
     def model_identity(self) -> dict[str, dict[str, str]]:
-        from medidiff.pipeline.worker import model_identity
-
-        return {t: model_identity(m, t) for t, m in self.models._models.items()}
+        return self.models.identities()
 
     def close(self) -> None:
         self.decoder.close()
@@ -195,8 +194,6 @@ def make_engine(
     if kind == "local":
         return LocalEngine(input_root, output_root, settings, threads=threads, device=device)
     if kind == "ray":
-        from medidiff.pipeline.ray_engine import RayEngine
-
         return RayEngine(
             input_root,
             output_root,
@@ -224,9 +221,14 @@ def run_batch(
     threads: int | None = None,
     device: str = "auto",
     console: Any = None,
-    report: bool = True,
+    report: ReportWriter | None = None,
+    preview: PreviewMaker | None = None,
 ) -> BatchSummary:
-    """Enhance every scan under ``input_root`` into ``output_root``; see the module docstring."""
+    """Enhance every scan under ``input_root`` into ``output_root``; see the module docstring.
+
+    ``report`` writes the batch's report at the end (none without it); ``preview`` makes the figures
+    logged to MLflow for the first finished scans (none without it).
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -261,6 +263,7 @@ def run_batch(
             device,
             tracking_uri,
             report,
+            preview,
             console,
             t0,
         )
@@ -291,13 +294,12 @@ def _run_tracked(
     threads: int | None,
     device: str,
     tracking_uri: str | None,
-    report: bool,
+    report: ReportWriter | None,
+    preview: PreviewMaker | None,
     console: Any,
     t0: float,
 ) -> None:
     """One MLflow run around the engine's work, then the manifest, the report and the batch's records."""
-    from medidiff.tracking import tracking_run
-
     input_root, output_root = Path(manifest.input_root), Path(manifest.output_root)
     with tracking_run(
         "enhance",
@@ -325,7 +327,7 @@ def _run_tracked(
             return eng
 
         try:
-            _run_jobs(start_engine, items, manifest, summary, console, tracker, output_root)
+            _run_jobs(start_engine, items, manifest, summary, console, tracker, output_root, preview)
             identity = engines[0].model_identity() if engines else {}
         finally:
             for eng in engines:
@@ -337,10 +339,8 @@ def _run_tracked(
         }  # models of earlier runs of this batch
         manifest.params = {**params, "model_identity": identity}
         manifest.save()
-        if report:
-            from medidiff.review.report import write_report
-
-            summary.report = write_report(output_root, manifest.to_dict())
+        if report is not None:
+            summary.report = report(output_root, manifest.to_dict())
         _log_batch(tracker, manifest, summary, identity, output_root)
 
 
@@ -365,6 +365,7 @@ def _run_jobs(
     console: Any,
     tracker: Any,
     output_root: Path,
+    preview: PreviewMaker | None,
 ) -> None:
     """Drive the engine with an overall and a per-scan progress bar; record each result as it arrives.
 
@@ -406,8 +407,8 @@ def _run_jobs(
             progress.advance(overall)
             if entry["status"] == "done":
                 summary.done += 1
-                if summary.done <= MAX_LOGGED_FIGURES:
-                    _log_figure(tracker, output_root, entry)
+                if preview is not None and summary.done <= MAX_LOGGED_FIGURES:
+                    _log_figure(tracker, output_root, entry, preview)
             else:
                 summary.failed += 1
                 summary.failures.append((entry["key"], entry.get("error") or "unknown error"))
@@ -423,12 +424,10 @@ def _run_jobs(
         progress.update(overall, description=f"all scans ({summary.skipped} already done)")
 
 
-def _log_figure(tracker: Any, output_root: Path, entry: dict[str, Any]) -> None:
-    """Log one before/after/difference/uncertainty strip of a finished scan (middle slice)."""
+def _log_figure(tracker: Any, output_root: Path, entry: dict[str, Any], preview: PreviewMaker) -> None:
+    """Log one preview (e.g. a before/after/difference/uncertainty strip) of a finished scan."""
     try:
-        from medidiff.review.report import preview_strip
-
-        strip = preview_strip(output_root, entry)
+        strip = preview(output_root, entry)
         if strip is not None:
             safe = entry["key"].replace("/", "__")[-80:]
             tracker.log_image(strip, f"figures/{safe}.png")

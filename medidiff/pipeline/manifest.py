@@ -22,25 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medidiff.io import atomic
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-# Every temporary file or folder the batch creates under OUT carries this marker in its name, so a
-# restarted batch can remove what a killed one left behind.
-TEMP_MARKER = ".medidiff-tmp"
 OUTPUT_KINDS = ("enhanced", "uncertainty", "residual", "baseline", "dicom")
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync it, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_MARKER}-{os.getpid()}-{path.name}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def input_fingerprint(files: Iterable[Path], root: Path, settings: dict[str, Any]) -> str:
@@ -107,8 +93,8 @@ class Manifest:
 
     def save(self) -> Path:
         """Rewrite the manifest atomically (temp file in OUT, fsync, rename)."""
-        return atomic_write_text(
-            self.path, json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False)
+        return atomic.write_text(
+            self.path, json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False), fsync=True
         )
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -132,15 +118,15 @@ class Manifest:
 
 
 def clean_stale_temporaries(output_root: Path) -> list[Path]:
-    """Remove temporary files/folders a killed batch left under OUT (names carrying the temp marker or io's
-    ``.tmp`` names); returns what was removed."""
+    """Remove the temporary files/folders a killed batch left under OUT (:func:`medidiff.io.atomic.is_temporary_name`);
+    returns what was removed."""
     removed: list[Path] = []
     output_root = Path(output_root)
     if not output_root.exists():
         return removed
     for dirpath, dirnames, filenames in os.walk(output_root):
         for name in list(dirnames) + filenames:
-            if _is_temporary_name(name):
+            if atomic.is_temporary_name(name):
                 p = Path(dirpath) / name
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
@@ -150,13 +136,3 @@ def clean_stale_temporaries(output_root: Path) -> list[Path]:
                     p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
-
-
-def _is_temporary_name(name: str) -> bool:
-    """Names used for in-progress writes: ours (TEMP_MARKER) and io's (``.NAME.XXXX.tmp[.nii.gz]``, ``.NAME.XXXX.old``)."""
-    if TEMP_MARKER in name:
-        return True
-    lowered = name.lower()
-    if lowered.startswith(".") and (".tmp" in lowered or lowered.endswith(".old") or "partial" in lowered):
-        return True
-    return lowered.endswith((".tmp", ".partial"))

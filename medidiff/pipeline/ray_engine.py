@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medidiff.pipeline.worker import EnhanceSettings, ScanJob, failed_entry
+from medidiff.pipeline.decoding import IsolatedDecoder
+from medidiff.pipeline.model_cache import ModelCache
+from medidiff.pipeline.settings import EnhanceSettings, ScanJob
+from medidiff.pipeline.worker import failed_entry, process_scan
 
 
 class _ScanActor:
@@ -24,22 +27,16 @@ class _ScanActor:
     ) -> None:
         import torch
 
-        from medidiff.pipeline.worker import IsolatedDecoder, ModelCache
-
         torch.set_num_threads(max(1, threads))
         self.input_root, self.output_root, self.settings = Path(input_root), Path(output_root), settings
         self.models = ModelCache(settings.models, device=device)
         self.decoder = IsolatedDecoder(settings.decode_timeout_s)
 
     def process(self, job: ScanJob) -> dict[str, Any]:
-        from medidiff.pipeline.worker import process_scan
-
         return process_scan(job, self.input_root, self.output_root, self.settings, self.models, self.decoder)
 
-    def identity(self) -> dict[str, str]:
-        from medidiff.pipeline.worker import model_identity
-
-        return {t: model_identity(m, t) for t, m in self.models._models.items()}
+    def identity(self) -> dict[str, dict[str, str]]:
+        return self.models.identities()
 
     def node(self) -> str:
         import socket

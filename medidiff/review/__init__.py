@@ -1,7 +1,7 @@
 """medidiff.review: look at a batch's results honestly (figures, a notebook viewer, MLflow run summaries).
 
 Notebooks in ``notebooks/`` only call what is exported here and in :mod:`medidiff.review.runs` (MLflow reading,
-running the ``medidiff`` command).
+running the ``medidiff`` command, recipes and example runs).
 """
 
 from medidiff.review.batch import (
@@ -11,7 +11,6 @@ from medidiff.review.batch import (
     ScanEntry,
     ScanOutputs,
     demo_output,
-    find_project_root,
     load_volume,
     open_batch,
 )
@@ -31,6 +30,7 @@ from medidiff.review.figures import (
     useful_views,
     write_png,
 )
+from medidiff.review.project import find_project_root
 from medidiff.review.viewer import ReviewViewer, metrics_html, static_review
 
 __all__ = [

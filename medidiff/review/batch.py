@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.io.discover import read_scan
 from medidiff.io.volume import Volume
+from medidiff.review.command import run_medidiff
+from medidiff.review.project import find_project_root
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -91,10 +94,6 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
     if not path.exists():
         raise BatchError(path, "output file is missing")
     if path.is_dir():
-        try:
-            from medidiff.io import read_scan  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise BatchError(path, f"is a folder (DICOM series?) and medidiff.io.read_scan is unavailable: {exc}")
         vol = read_scan(path)
         if not isinstance(vol, Volume):
             raise BatchError(path, f"expected an image volume, got {type(vol).__name__}")
@@ -246,15 +245,6 @@ def open_batch(out_dir: str | os.PathLike[str]) -> Batch:
     return Batch(out_dir)
 
 
-def find_project_root(start: str | os.PathLike[str] | None = None) -> Path | None:
-    """The medidiff checkout containing ``start`` (default: the working directory), or None outside one."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "medidiff" / "__init__.py").is_file():
-            return folder
-    return None
-
-
 def demo_output(
     demo_dir: str | os.PathLike[str] | None = None, *, make: bool = True, samples: int = 2,
     steps: int | None = None,
@@ -272,8 +262,6 @@ def demo_output(
         return out
     if not make:
         raise BatchError(out, "no demo output here; run `make demo` (or `medidiff demo --out DIR`) first")
-    from medidiff.review.runs import run_medidiff
-
     args = ["demo", "--out", str(demo_dir), "--samples", str(samples)]
     if steps is not None:
         args += ["--steps", str(steps)]

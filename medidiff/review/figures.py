@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from medidiff.io import atomic
 from medidiff.io.volume import Volume
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -403,18 +403,7 @@ def figure_png(fig: Figure, dpi: int | None = None) -> bytes:
 
 def write_png(data: bytes | Figure, path: str | os.PathLike[str]) -> Path:
     """Write PNG bytes (or a figure) to ``path`` atomically: a temp file in the same folder, then a rename."""
-    payload = figure_png(data) if isinstance(data, Figure) else data
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_bytes(Path(path), figure_png(data) if isinstance(data, Figure) else data)
 
 
 def show(fig: Figure, dpi: int | None = None) -> None:

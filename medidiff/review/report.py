@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.io import atomic
 from medidiff.io.volume import Volume
 from medidiff.review.batch import BEFORE_LABELS, load_volume
 from medidiff.review.figures import (
@@ -245,10 +246,5 @@ def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
 
 def write_report(output_root: Path, manifest: dict[str, Any], path: Path | None = None) -> Path:
     """Write the report (atomically) to ``path`` or ``OUT/report.html``."""
-    from medidiff.io.atomic import atomic_file
-
     path = Path(path) if path else Path(output_root) / "report.html"
-    text = render_report(Path(output_root), manifest)
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return atomic.write_text(path, render_report(Path(output_root), manifest))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 
 from medidiff.io import Volume
+from medidiff.io.atomic import atomic_dir, atomic_file
 from medidiff.pipeline.batch import BatchUsageError, check_roots
+from medidiff.pipeline.decoding import DecodeError, IsolatedDecoder
 from medidiff.pipeline.manifest import Manifest, clean_stale_temporaries, input_fingerprint
-from medidiff.pipeline.worker import DecodeError, EnhanceSettings, IsolatedDecoder, choose_task, output_stem
+from medidiff.pipeline.settings import EnhanceSettings, output_paths, output_stem
+from medidiff.pipeline.worker import choose_task
 from tests.pipeline.batch_messy_folder import CrashingSource, HangingSource, SmallSource, build_messy_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,20 +59,29 @@ def test_manifest_round_trip_and_done_needs_outputs(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_outputs_kept(tmp_path):
+    """What a killed batch leaves (io's temporaries, named by io.atomic) goes; outputs and user files stay."""
     (tmp_path / "s").mkdir()
-    keep = [tmp_path / "s" / "scan_enhanced.nii.gz", tmp_path / "manifest.json", tmp_path / "s" / "IM1.dcm"]
-    stale = [
-        tmp_path / "s" / ".scan_enhanced.nii.gz.k2j3.tmp.nii.gz",
-        tmp_path / ".medidiff-tmp-12-manifest.json",
+    keep = [
+        tmp_path / "s" / "scan_enhanced.nii.gz",
+        tmp_path / "manifest.json",
+        tmp_path / "s" / "IM1.dcm",
+        tmp_path / "s" / ".hidden.tmp",  # not ours: a user's file is never removed
     ]
-    for p in keep + stale:
+    for p in keep:
         p.write_bytes(b"1")
-    stale_dir = tmp_path / "s" / ".scan_enhanced_dicom.ab12.tmp"
-    stale_dir.mkdir()
-    (stale_dir / "IM00001.dcm").write_bytes(b"1")
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "s" / "scan_enhanced.nii.gz") as tmp:
+        tmp.write_bytes(b"half")
+        stale_file = tmp.with_name(tmp.name + "-copy")
+        shutil.copy(tmp, stale_file)  # as if the process had been killed before its clean-up ran
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "s" / "scan_enhanced_dicom") as tmp:
+        (tmp / "IM00001.dcm").write_bytes(b"1")
+        stale_dir = tmp.with_name(tmp.name + "-copy")
+        shutil.copytree(tmp, stale_dir)
+        raise KeyboardInterrupt
     removed = clean_stale_temporaries(tmp_path)
-    assert set(removed) == set(stale) | {stale_dir}
-    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale + [stale_dir])
+    assert set(removed) == {stale_file, stale_dir}
+    assert all(p.exists() for p in keep) and not stale_file.exists() and not stale_dir.exists()
 
 
 def test_fingerprint_tracks_content_stat_and_settings(tmp_path):
@@ -180,7 +193,6 @@ def test_cli_dry_run_lists_the_plan_and_writes_nothing(tmp_path):
 
 def test_plan_skips_done_scans_unless_forced(tmp_path):
     from medidiff.pipeline.batch import plan
-    from medidiff.pipeline.worker import output_paths
 
     src = build_messy_folder(tmp_path / "IN")
     out = tmp_path / "OUT"

@@ -122,7 +122,8 @@ def test_manifest_problems_are_named(tmp_path: Path) -> None:
 
 
 def test_demo_output_finds_or_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medidiff.review.batch import demo_output, find_project_root
+    from medidiff.review.batch import demo_output
+    from medidiff.review.project import find_project_root
 
     assert find_project_root(Path(__file__).parent) == Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)

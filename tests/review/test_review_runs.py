@@ -120,11 +120,11 @@ def test_helpers_for_the_training_notebook(tmp_path: Path) -> None:
     assert image.shape == (160, 192, 4) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
     assert int(image.header["sform_code"]) == 1
 
-    recipe, notes = runs.training_recipe("pipelines/smoke.yaml", tmp_path / "r.yaml", folders=[folder], steps=7,
-                                         minutes=0.5)
+    recipe = runs.training_recipe("pipelines/smoke.yaml", tmp_path / "r.yaml", folders=[folder], steps=7,
+                                  minutes=0.5)
     written = yaml.safe_load(recipe.read_text())
     assert written["train"]["steps"] == 7 and written["train"]["max_minutes"] == 0.5
-    assert ("folders" in written["data"]) != bool(notes)  # either used, or the notes say it is not supported
+    assert written["data"]["folders"] == [str(folder.resolve())]
 
     sim = tmp_path / "sim"
     sim.mkdir()

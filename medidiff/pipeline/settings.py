@@ -1,0 +1,104 @@
+"""What a batch does to each scan and where its outputs go: the settings, one scan's job, output names.
+
+Everything here is small and picklable: it travels from the driver to every worker (local or a Ray actor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+TASKS = ("auto", "sr", "sr_thick", "recon")
+FORMATS = ("nifti", "dicom", "both")
+
+
+@dataclass(frozen=True)
+class EnhanceSettings:
+    """Everything that decides a scan's result; part of each scan's fingerprint."""
+
+    task: str = "auto"
+    fmt: str = "both"
+    samples: int = 1
+    steps: int | None = None
+    models: tuple[str, ...] = ()  # checkpoint folders / shipped names; each replaces its task's default
+    seed: int = 0
+    decode_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.fmt!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        """The settings that change outputs (the decode timeout does not)."""
+        params = asdict(self)
+        params.pop("decode_timeout_s")
+        return params
+
+
+@dataclass
+class ScanJob:
+    """One planned scan: where it is, its anonymous key, where its outputs go."""
+
+    key: str
+    source: Any  # medidiff.io.discover.ScanSource (picklable; loaded in a child process)
+    input_rel: str
+    out_dir_rel: str
+    stem: str
+    fingerprint: str
+    kind: str
+
+
+# ----------------------------------------------------------------------------------------------- naming
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_EXTENSIONS = (".nii.gz", ".nii", ".h5", ".hdf5", ".dcm", ".ima")
+
+
+def output_stem(key: str) -> str:
+    """File-name stem of a scan's outputs, from its anonymous key (last path part, extension dropped)."""
+    last = key.replace("\\", "/").rstrip("/").split("/")[-1] or "scan"
+    lowered = last.lower()
+    for ext in _EXTENSIONS:
+        idx = lowered.find(ext)
+        if idx > 0:
+            last = last[:idx] + last[idx + len(ext) :]
+            break
+    stem = _UNSAFE.sub("_", last).strip("._") or "scan"
+    return stem
+
+
+def output_folder_rel(source_path: Path, input_root: Path) -> str:
+    """The folder under OUT that mirrors the scan's input folder (a series folder, or a file's parent)."""
+    folder = source_path if source_path.is_dir() else source_path.parent
+    try:
+        rel = folder.resolve().relative_to(input_root.resolve())
+    except ValueError:
+        rel = Path(".")
+    return rel.as_posix()
+
+
+def output_paths(job: ScanJob, settings: EnhanceSettings) -> dict[str, str | None]:
+    """Relative output paths (under OUT) this scan will produce."""
+    base = Path(job.out_dir_rel) / job.stem
+    want_nifti = settings.fmt in ("nifti", "both")
+    want_dicom = settings.fmt in ("dicom", "both")
+    return {
+        "enhanced": f"{base}_enhanced.nii.gz" if want_nifti else None,
+        "uncertainty": f"{base}_uncertainty.nii.gz" if settings.samples > 1 else None,
+        "residual": f"{base}_residual.nii.gz",
+        "baseline": f"{base}_baseline.nii.gz",
+        "dicom": f"{base}_enhanced_dicom" if want_dicom else None,
+    }
+
+
+def scan_seed(seed: int, key: str) -> int:
+    """A per-scan seed that depends on the batch seed and the key only (same result in any engine/order)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) % (2**31 - 1)
