@@ -36,7 +36,7 @@ def main() -> None:
         args.steps, args.repeats = "default,4", 1
     setup(args)
     from medidiff.baselines.recon import compressed_sensing
-    from medidiff.evaluation.metrics import psnr
+    from medidiff.metrics import psnr
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
     sizes = [int(s) for s in args.sizes.split(",")]

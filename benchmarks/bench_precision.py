@@ -67,7 +67,7 @@ def main() -> None:
     if args.quick:
         args.slices, args.repeats = 2, 1
     setup(args)
-    from medidiff.evaluation.metrics import psnr
+    from medidiff.metrics import psnr
     from medidiff.pipeline.enhance import enhance_volume
 
     print(f"machine: {machine(args.device)}")

@@ -48,7 +48,7 @@ def main() -> None:
     import psutil
     import torch
 
-    from medidiff.evaluation.metrics import psnr
+    from medidiff.metrics import psnr
     from medidiff.pipeline.enhance import enhance_volume
 
     print(f"machine: {machine(args.device)}")

@@ -1,7 +1,7 @@
 """The package's layers, checked from the source: every module imports on its own, no import cycles, and no
 lower layer imports a higher one (ARCHITECTURE.md), counting imports inside functions too.
 
-Layer order: io → physics → tasks → data/models → diffusion → baselines/evaluation → pipeline → review → cli.
+Layer order: io → physics → tasks (+ recipe) → data/models → diffusion → baselines/evaluation → pipeline → review → cli.
 ``medidiff.tracking`` (MLflow) is used by the layers that run and read tracked jobs and imports no layer.
 """
 
@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "io": 0,
     "physics": 1,
     "tasks": 2,
+    "recipe": 2,
+    "metrics": 2,
     "data": 3,
     "models": 3,
     "diffusion": 4,

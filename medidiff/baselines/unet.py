@@ -16,7 +16,6 @@ feature sizes). Train from the command line::
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from medidiff.data.pairs import PatchSampler, fingerprint, neighbour_index, training_pairs
+from medidiff.io import atomic
 from medidiff.io.volume import Volume
 from medidiff.physics.coils import espirit_maps
 from medidiff.physics.operators import FourierUndersampling
@@ -140,14 +140,11 @@ def save_unet(out_dir: str | Path, model: RegressionUNet, **extra: Any) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").float().contiguous() for k, v in model.net.state_dict().items()}
-    tmp = out / f".{CHECKPOINT_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / CHECKPOINT_FILE)
+    with atomic.atomic_file(out / CHECKPOINT_FILE) as tmp:
+        save_file(state, str(tmp))
     doc = {"kind": "regression_unet", "features": list(model.features), "recipe": model.recipe.to_dict(),
            **model.meta, **extra}
-    tmp_cfg = out / f".{CONFIG_FILE}.tmp"
-    tmp_cfg.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp_cfg, out / CONFIG_FILE)
+    atomic.write_text(out / CONFIG_FILE, json.dumps(doc, indent=2, default=str))
     return out
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from medidiff.cli import app
+from medidiff.cli.root import app
 from medidiff.data.synth import head_shape, write_cohort
 
 data_app = typer.Typer(

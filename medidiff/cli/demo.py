@@ -21,8 +21,8 @@ from rich.table import Table
 
 from medidiff.cli.root import app
 from medidiff.data.shipped import mni_t1, real_evaluation_volumes
-from medidiff.evaluation.metrics import psnr, ssim
 from medidiff.io import Volume, atomic, read_nifti, write_dicom_series, write_kspace, write_nifti
+from medidiff.metrics import psnr, ssim
 from medidiff.physics.simulate import simulate_recon, simulate_sr
 from medidiff.pipeline.batch import run_batch
 from medidiff.pipeline.settings import EnhanceSettings

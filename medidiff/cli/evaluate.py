@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medidiff.cli import app
+from medidiff.cli.root import app
 
 if TYPE_CHECKING:
     from rich.console import Console

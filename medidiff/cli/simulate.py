@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from medidiff.cli import app
+from medidiff.cli.root import app
 
 
 def _stem(key: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medidiff.cli import app
+from medidiff.cli.root import app
 
 
 @app.command(

@@ -26,7 +26,7 @@ from medidiff import __version__
 from medidiff.data.pairs import PatchSampler, SlicePair, fingerprint, training_pairs, validation_pairs
 from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
-from medidiff.evaluation.metrics import all_metrics
+from medidiff.metrics import all_metrics
 from medidiff.models import build_model, load_model, save_checkpoint
 from medidiff.recipe import Recipe, recipe_from_dict
 from medidiff.tasks import task_operator

@@ -1,5 +1,5 @@
 """medidiff.evaluation: fastMRI-convention metrics and method comparison tables."""
 
-from medidiff.evaluation.metrics import all_metrics, hfen, nmse, psnr, ssim
+from medidiff.metrics import all_metrics, hfen, nmse, psnr, ssim
 
 __all__ = ["all_metrics", "hfen", "nmse", "psnr", "ssim"]

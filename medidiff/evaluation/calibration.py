@@ -37,6 +37,7 @@ from scipy import ndimage
 from scipy.stats import pearsonr, spearmanr
 from skimage.filters import threshold_otsu
 
+from medidiff.io import atomic
 from medidiff.tasks import intensity_scale
 
 __all__ = [
@@ -173,10 +174,7 @@ class Calibration:
 def save_calibration(calib: Calibration, directory: str | Path) -> Path:
     """Write ``calibration.json`` into ``directory`` (a model's folder, beside ``config.json``)."""
     path = Path(directory) / CALIBRATION_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(calib.to_json())
-    tmp.replace(path)
-    return path
+    return atomic.write_text(path, calib.to_json())
 
 
 def load_calibration(directory: str | Path) -> Calibration | None:

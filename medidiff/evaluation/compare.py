@@ -24,11 +24,11 @@ from medidiff.baselines.recon import DEFAULT_CS_ITERS, _calib_width, compressed_
 from medidiff.baselines.unet import load_unet, unet_enhance_kspace, unet_enhance_volume
 from medidiff.data.shipped import real_evaluation_volumes, real_training_volumes
 from medidiff.data.synth import synth_subject
-from medidiff.evaluation.metrics import all_metrics
 from medidiff.evaluation.tuning import tune_cs_lambda
 from medidiff.io.kspace import KSpaceData, read_kspace
 from medidiff.io.nifti import read_nifti
 from medidiff.io.volume import Volume
+from medidiff.metrics import all_metrics
 from medidiff.models import default_model, load_model
 from medidiff.physics.fft import fft2c_np
 from medidiff.physics.masks import make_mask

@@ -40,8 +40,8 @@ from scipy import ndimage
 from scipy.special import erfc
 from skimage.measure import regionprops
 
-from medidiff.tasks import intensity_scale
 from medidiff.evaluation.calibration import body_mask
+from medidiff.tasks import intensity_scale
 
 __all__ = [
     "CONTRASTS",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medidiff.io import atomic
 from medidiff.io.volume import Volume
 from medidiff.tracking import tracking_run
 
@@ -83,11 +83,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
 
 def _write_text(path: str | Path, text: str) -> Path:
     """Write text through a temp file in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def _middle_slice(vol: Volume, slice_axis: int) -> np.ndarray:
@@ -221,17 +217,15 @@ def write_report(
         fig = comparison_figure(references[scan], outs, slice_axes[scan], f"{task}: {scan}", per_method)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in scan)
         path = out / "figures" / f"{safe}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic.atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         figures.append(path)
     methods = [r["method"] for r in summary]
     if any("psnr" in r for r in rows):
         chart = psnr_chart(rows, methods, f"{task}: PSNR per scan")
         path = out / "figures" / "psnr_per_scan.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        chart.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic.atomic_file(path) as tmp:
+            chart.savefig(tmp, dpi=110, format="png")
         figures.insert(0, path)
     parts = [f"# medidiff evaluation: {task}", ""]
     if command:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medidiff.baselines.recon import DEFAULT_CS_ITERS, compressed_sensing, zero_filled
-from medidiff.evaluation.metrics import psnr
+from medidiff.metrics import psnr
 
 __all__ = ["DEFAULT_LAMBDAS", "CSTuning", "tune_cs_lambda"]
 

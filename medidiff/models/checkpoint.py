@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ from typing import Any
 import torch
 
 from medidiff import __version__
+from medidiff.io import atomic
 from medidiff.recipe import Recipe, recipe_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
@@ -73,25 +71,13 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, 
     directory.parent.mkdir(parents=True, exist_ok=True)
     extra_tensors = extra.pop("tensors", None)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _unwrap(model).state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic.atomic_dir(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                       str(tmp / "train_state.safetensors"))
         config = {"format": "medidiff-checkpoint/1", "package_version": __version__, "recipe": cfg.to_dict(), **extra}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -15,10 +15,10 @@ from medidiff.baselines.interpolation import (
     upsample_volume,
 )
 from medidiff.baselines.recon import compressed_sensing, zero_filled
-from medidiff.evaluation.metrics import psnr
 from medidiff.evaluation.tuning import tune_cs_lambda
 from medidiff.io.kspace import KSpaceData
 from medidiff.io.volume import Volume
+from medidiff.metrics import psnr
 from medidiff.physics.fft import fft2c_np, ifft2c_np
 from medidiff.physics.masks import make_mask
 from medidiff.physics.operators import KSpaceTruncation

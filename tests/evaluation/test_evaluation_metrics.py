@@ -9,7 +9,7 @@ import pytest
 from scipy.ndimage import gaussian_laplace
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from medidiff.evaluation.metrics import all_metrics, hfen, nmse, psnr, ssim
+from medidiff.metrics import all_metrics, hfen, nmse, psnr, ssim
 
 
 def _volume(seed: int = 0, shape: tuple[int, int, int] = (32, 28, 5)) -> np.ndarray:
