@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import base_parser, machine, mni_slices, recon_input, setup, sr_input, table, time_call
+from common import base_parser, machine, mni_slices, recon_input, setup, sr_input, table
 
 
 def with_precision(loaded, precision: str):
@@ -31,6 +31,20 @@ def with_precision(loaded, precision: str):
     from medidiff.models.runtime import prepare_network
 
     return dataclasses.replace(loaded, net=prepare_network(loaded.net, precision))
+
+
+def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn so that load changes on a shared machine hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def part_slice(args) -> None:
@@ -42,34 +56,23 @@ def part_slice(args) -> None:
     rows = []
     for task in ("sr", "recon"):
         loaded = default_model(task)
-        models = {p: with_precision(loaded, p) for p in ("fp32", "bf16")}
         for size in args.sizes:
             hr = mni_slices(size, 1)
-            inp, _ = sr_input(hr) if task == "sr" else recon_input(hr)
-            _, ksp = recon_input(hr)[0], None
             ksp = recon_input(hr)[0]
-            cs, _ = time_call(lambda k=ksp: compressed_sensing(k, 1e-3, 100), "cpu", repeats=args.repeats)
-            for p, m in models.items():
+            inp = sr_input(hr)[0] if task == "sr" else ksp
+            fns = {"cs": lambda k=ksp: compressed_sensing(k, 1e-3, 100)}
+            for p in ("fp32", "bf16"):
+                m = with_precision(loaded, p)
                 if task == "sr":
-                    fn = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
+                    fns[p] = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
                 else:
-                    fn = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
-                sec, _ = time_call(fn, "cpu", repeats=args.repeats)
-                rows.append([task, f"{size}²", p, f"{sec:.3f}", f"{cs:.3f}", f"{sec / cs:.2f}"])
+                    fns[p] = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
+            sec = round_robin(fns, args.repeats)
+            for p in ("fp32", "bf16"):
+                rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}", f"{sec[p] / sec['cs']:.2f}"])
                 print(" | ".join(rows[-1]), flush=True)
     print("\n### enhance (defaults, self-check on) vs sigpy CS 100 it, one slice\n")
     print(table(["task", "slice", "precision", "enhance s", "CS s", "enhance / CS"], rows))
-
-
-def _time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _onnx_session(net, x, t, threads: int):
@@ -96,6 +99,7 @@ def _onnx_session(net, x, t, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal torch's cores
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess, f"exported with dynamo={dynamo}" + (f" ({errors[0]})" if errors else "")
 
@@ -165,18 +169,11 @@ def part_forward(args) -> None:
                 del variants[name]
                 continue
             first[name] = time.perf_counter() - t0
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.repeats):  # round robin: load changes on a shared machine hit every variant alike
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        sec = round_robin(variants, args.repeats, warmup=0)
     rows = []
-    base = statistics.median(times["eager fp32"])
     for name in variants:
-        sec = statistics.median(times[name])
         err = (outs[name].float() - ref).abs()
-        rows.append([name, f"{sec:.3f}", f"{base / sec:.2f}x", f"{first[name]:.1f}", f"{err.max():.2e}",
+        rows.append([name, f"{sec[name]:.3f}", f"{sec['eager fp32'] / sec[name]:.2f}x", f"{first[name]:.1f}", f"{err.max():.2e}",
                      f"{err.mean():.2e}"])
     print("\n### network forward, SR x2 U-Net, batch 8 x 256² (CPU)\n")
     print(table(["variant", "s / forward", "speed-up", "first call s", "max |Δ|", "mean |Δ|"], rows))

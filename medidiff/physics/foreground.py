@@ -23,7 +23,7 @@ def air_noise_sigma(stack: np.ndarray, corner_fraction: float = 1 / 16) -> float
     """
     mag = np.abs(np.asarray(stack))
     h, w = mag.shape[-2:]
-    ch, cw = max(2, int(round(h * corner_fraction))), max(2, int(round(w * corner_fraction)))
+    ch, cw = max(2, round(h * corner_fraction)), max(2, round(w * corner_fraction))
     corners = np.concatenate([mag[..., :ch, :cw].ravel(), mag[..., :ch, -cw:].ravel(),
                               mag[..., -ch:, :cw].ravel(), mag[..., -ch:, -cw:].ravel()])
     return float(np.median(corners)) / RAYLEIGH_MEDIAN
@@ -58,6 +58,6 @@ def foreground_mask(
     for i in np.flatnonzero(signal.any(axis=(1, 2))):
         signal[i] = ndimage.binary_fill_holes(signal[i])
     if margin is None:
-        margin = max(2, int(round(0.03 * min(mag.shape[1:]))))
+        margin = max(2, round(0.03 * min(mag.shape[1:])))
     size = (2 * max(0, slice_margin) + 1, 2 * max(0, margin) + 1, 2 * max(0, margin) + 1)
     return ndimage.maximum_filter(signal, size=size, mode="constant", cval=False)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medidiff.models import default_model
-from medidiff.models import runtime
+from medidiff.models import default_model, runtime
 from medidiff.models.runtime import PreparedNetwork, prepare_network, resolve_precision
 
 # Measured on the shipped sr_x2 network, input below, AMD EPYC with avx512_bf16 (oneDNN):
