@@ -33,6 +33,14 @@ def with_precision(loaded, precision: str):
     return dataclasses.replace(loaded, net=prepare_network(loaded.net, precision))
 
 
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each callable, timed in turn so that load changes on a shared machine hit all alike."""
     for fn in fns.values():
@@ -51,8 +59,10 @@ def part_slice(args) -> None:
     """Per-slice enhance time (fp32, bf16) over CS time on the same slice, SR ×2 and recon ×4."""
     from medidiff.baselines.recon import compressed_sensing
     from medidiff.models import default_model
+    from medidiff.models.runtime import OnnxRuntimeNetwork
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
+    variants = ["fp32", "bf16"] + (["onnxruntime"] if "onnx" in args.variants and _has_onnxruntime() else [])
     rows = []
     for task in ("sr", "recon"):
         loaded = default_model(task)
@@ -61,18 +71,19 @@ def part_slice(args) -> None:
             ksp = recon_input(hr)[0]
             inp = sr_input(hr)[0] if task == "sr" else ksp
             fns = {"cs": lambda k=ksp: compressed_sensing(k, 1e-3, 100)}
-            for p in ("fp32", "bf16"):
-                m = with_precision(loaded, p)
+            for p in variants:
+                m = with_precision(loaded, p) if p != "onnxruntime" else dataclasses.replace(
+                    loaded, net=OnnxRuntimeNetwork(loaded.net))
                 if task == "sr":
                     fns[p] = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
                 else:
                     fns[p] = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
             sec = round_robin(fns, args.repeats)
-            for p in ("fp32", "bf16"):
+            for p in variants:
                 rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}", f"{sec[p] / sec['cs']:.2f}"])
                 print(" | ".join(rows[-1]), flush=True)
     print("\n### enhance (defaults, self-check on) vs sigpy CS 100 it, one slice\n")
-    print(table(["task", "slice", "precision", "enhance s", "CS s", "enhance / CS"], rows))
+    print(table(["task", "slice", "network", "enhance s", "CS s", "enhance / CS"], rows))
 
 
 def _onnx_session(net, x, t, threads: int):
@@ -222,8 +233,15 @@ def part_mask(args) -> None:
         mask = foreground_mask(stack)
         sec = time.perf_counter() - t0
         empty = ~mask.any(axis=(1, 2))
+        rows, cols = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
+        box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1) / mask[0].size if len(rows) else 0.0
+        per_slice = []  # bounding box of each slice's mask, as a share of the slice
+        for m in mask[~empty]:
+            r, c = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            per_slice.append((np.ptp(r) + 1) * (np.ptp(c) + 1) / m.size)
         print(f"- {name}: {empty.sum()}/{len(stack)} slices all air ({empty.mean():.1%}), "
-              f"{1 - mask.mean():.1%} of pixels air; mask took {sec:.2f} s")
+              f"{1 - mask.mean():.1%} of pixels air; volume bounding box {box:.1%} of a slice, per-slice "
+              f"boxes {np.sum(per_slice) / len(stack):.1%} of the volume's pixels; mask took {sec:.2f} s")
 
 
 def main() -> None:

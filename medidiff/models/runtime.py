@@ -102,3 +102,38 @@ def prepare_network(net: torch.nn.Module, precision: str = "auto", device: str |
     if device is None:
         device = next(net.parameters()).device
     return PreparedNetwork(net, resolve_precision(precision, device)).eval()
+
+
+class OnnxRuntimeNetwork(torch.nn.Module):
+    """``net`` exported to ONNX (batch, height and width free) and run by ONNX Runtime on the CPU, fp32.
+
+    ``inner`` keeps the torch module so that device queries and ``state_dict`` behave as for the network.
+    Needs the optional ``onnxruntime`` and ``onnx`` packages.
+    """
+
+    def __init__(self, net: torch.nn.Module, threads: int | None = None) -> None:
+        super().__init__()
+        import io
+
+        import onnxruntime as ort
+
+        self.inner = net.eval()
+        in_channels = int(getattr(net, "in_channels", 1))
+        x, t = torch.zeros(1, in_channels, 64, 64), torch.zeros(1, dtype=torch.long)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(net, (x, t), buf, input_names=["x", "t"], output_names=["y"], dynamo=False,
+                              opset_version=18, dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"},
+                                                              "t": {0: "batch"},
+                                                              "y": {0: "batch", 2: "height", 3: "width"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the cores
+        self.session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t).reshape(-1).expand(x.shape[0]).to(torch.long)
+        feeds = {"x": x.detach().float().cpu().contiguous().numpy(), "t": t.cpu().contiguous().numpy()}
+        return torch.from_numpy(self.session.run(None, feeds)[0]).to(x.device)
