@@ -59,10 +59,10 @@ def part_slice(args) -> None:
     """Per-slice enhance time (fp32, bf16) over CS time on the same slice, SR ×2 and recon ×4."""
     from medidiff.baselines.recon import compressed_sensing
     from medidiff.models import default_model
-    from medidiff.models.runtime import OnnxRuntimeNetwork
+    from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
-    variants = ["fp32", "bf16"] + (["onnxruntime"] if "onnx" in args.variants and _has_onnxruntime() else [])
+    variants = ["fp32", "bf16", "bf16+cl"] + (["onnxruntime"] if "onnx" in args.variants and _has_onnxruntime() else [])
     rows = []
     for task in ("sr", "recon"):
         loaded = default_model(task)
@@ -72,8 +72,11 @@ def part_slice(args) -> None:
             inp = sr_input(hr)[0] if task == "sr" else ksp
             fns = {"cs": lambda k=ksp: compressed_sensing(k, 1e-3, 100)}
             for p in variants:
-                m = with_precision(loaded, p) if p != "onnxruntime" else dataclasses.replace(
-                    loaded, net=OnnxRuntimeNetwork(loaded.net))
+                if p == "onnxruntime":
+                    m = dataclasses.replace(loaded, net=OnnxRuntimeNetwork(loaded.net))
+                else:
+                    m = dataclasses.replace(loaded, net=prepare_network(loaded.net, p.split("+")[0],
+                                                                        channels_last=p.endswith("+cl")))
                 if task == "sr":
                     fns[p] = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
                 else:

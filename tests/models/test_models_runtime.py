@@ -70,3 +70,28 @@ def test_cpu_flags_agree_with_native_bf16():
     flags = runtime.cpu_flags()
     if flags:
         assert runtime.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_channels_last_bf16_close_and_network_untouched(sr_net):
+    x, t = _fixed_input()
+    prepared = prepare_network(sr_net, "bf16", channels_last=True)
+    assert prepared.inner is not sr_net  # a copy: the shared network keeps its layout
+    assert all(p.is_contiguous() for p in sr_net.parameters())
+    with torch.no_grad():
+        err = (prepared(x, t) - sr_net(x, t)).abs()
+    assert float(err.max()) < BF16_MAX_ABS
+    assert float(err.mean()) < BF16_MEAN_ABS
+
+
+def test_onnxruntime_network_matches_eager_at_other_shapes(sr_net):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ort_net = runtime.OnnxRuntimeNetwork(sr_net, threads=1)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(2, 2, 64, 64), (3, 2, 96, 128)]:  # exported once, any batch / size (multiples of 8)
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = sr_net(x, torch.full((shape[0],), 300))
+        out = ort_net(x, torch.tensor(300))  # a scalar timestep is broadcast over the batch
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert float((out - ref).abs().max()) < 1e-5  # fp32 on both sides: rounding only (measured 9e-8)
