@@ -3,14 +3,17 @@
     python benchmarks/bench_speed.py [--parts slice,forward,quality,mask] [--threads 2] [--repeats 3]
 
 * slice: per-slice time of ``enhance_volume`` (SR ×2) and ``enhance_kspace`` (recon ×4) at 256² and 512²,
-  fp32 and bf16 (``medidiff.models.runtime.prepare_network``), and sigpy L1-wavelet CS (100 iterations) on
+  fp32, bf16, bf16 + channels-last (``medidiff.models.runtime.prepare_network``) and ONNX Runtime fp32
+  (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy L1-wavelet CS (100 iterations) on
   the same slice in the same process; the figure to read is the ratio enhance / CS.
 * forward: the network's forward alone (batch 8 at 256²): eager fp32, bf16 autocast, channels-last,
   ``torch.compile`` (inductor) and ONNX Runtime (when installed), each as a ratio to eager fp32.
 * quality: ΔPSNR bf16 − fp32 per shipped held-out case (``medidiff evaluate``'s cases), SR and recon.
 * mask: share of slices and pixels of the 256×256×160 benchmark volume that ``foreground_mask`` calls air.
 
-Timings are medians of --repeats runs after a warm-up; machines differ 2–3×, so compare ratios.
+Timings are medians of --repeats runs after a warm-up, the variants timed in turn (round robin) so that
+load from other processes hits all alike; machines differ 2–3×, so compare ratios. On a shared 2-core
+machine use --threads 1: two torch threads on busy cores were up to 10× slower in the same process.
 """
 
 from __future__ import annotations
