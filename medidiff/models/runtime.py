@@ -73,8 +73,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 class PreparedNetwork(torch.nn.Module):
     """``net`` with its forward under bf16 autocast (when asked) and a float32 output.
 
-    ``inner`` is the original module (its parameters stay fp32), so ``next(parameters()).device``
-    and ``state_dict`` keys under ``inner.`` behave as for the plain network.
+    ``inner`` is the original module (a channels-last copy of it with ``channels_last``); its parameters
+    stay fp32, so ``next(parameters()).device`` and ``state_dict`` (keys under ``inner.``) behave as before.
     """
 
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", channels_last: bool = False) -> None:
@@ -103,7 +103,7 @@ def prepare_network(net: torch.nn.Module, precision: str = "auto", device: str |
     """The network ready for inference at ``precision`` (``auto``/``fp32``/``bf16``), in eval mode.
 
     ``channels_last`` runs a channels-last copy of the network: with bf16 on the shipped U-Nets it was a
-    further 1.1–1.2× on an AVX-512-BF16 CPU (benchmarks/bench_speed.py). ``torch.compile`` (inductor) is
+    further 1.1–1.3× on an AVX-512-BF16 CPU (benchmarks/bench_speed.py). ``torch.compile`` (inductor) is
     not offered: it took 140 s to compile and was no faster than eager in the same measurements. For an
     fp32-only CPU, :class:`OnnxRuntimeNetwork` is the faster path.
     """
