@@ -1,0 +1,272 @@
+"""Speed against sigpy CS in one process: fp32 vs bf16 per slice, graph/layout variants, bf16 quality cost.
+
+    python benchmarks/bench_speed.py [--parts slice,forward,quality,mask] [--threads 2] [--repeats 3]
+
+* slice: per-slice time of ``enhance_volume`` (SR ×2) and ``enhance_kspace`` (recon ×4) at 256² and 512²,
+  fp32, bf16, bf16 + channels-last (``medidiff.models.runtime.prepare_network``) and ONNX Runtime fp32
+  (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy L1-wavelet CS (100 iterations) on
+  the same slice in the same process; the figure to read is the ratio enhance / CS.
+* forward: the network's forward alone (batch 8 at 256²): eager fp32, bf16 autocast, channels-last,
+  ``torch.compile`` (inductor) and ONNX Runtime (when installed), each as a ratio to eager fp32.
+* quality: ΔPSNR bf16 − fp32 per shipped held-out case (``medidiff evaluate``'s cases), SR and recon.
+* mask: share of slices and pixels of the 256×256×160 benchmark volume that ``foreground_mask`` calls air.
+
+Timings are medians of --repeats runs after a warm-up, the variants timed in turn (round robin) so that
+load from other processes hits all alike; machines differ 2–3×, so compare ratios. On a shared 2-core
+machine use --threads 1: two torch threads on busy cores were up to 10× slower in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from common import base_parser, machine, mni_slices, recon_input, setup, sr_input, table
+
+
+def with_precision(loaded, precision: str):
+    """The LoadedModel with its network prepared at ``precision``."""
+    from medidiff.models.runtime import prepare_network
+
+    return dataclasses.replace(loaded, net=prepare_network(loaded.net, precision))
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn so that load changes on a shared machine hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def part_slice(args) -> None:
+    """Per-slice enhance time (fp32, bf16) over CS time on the same slice, SR ×2 and recon ×4."""
+    from medidiff.baselines.recon import compressed_sensing
+    from medidiff.models import default_model
+    from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
+    from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+
+    variants = ["fp32", "bf16", "bf16+cl"] + (["onnxruntime"] if "onnx" in args.variants and _has_onnxruntime() else [])
+    rows = []
+    for task in ("sr", "recon"):
+        loaded = default_model(task)
+        for size in args.sizes:
+            hr = mni_slices(size, 1)
+            ksp = recon_input(hr)[0]
+            inp = sr_input(hr)[0] if task == "sr" else ksp
+            fns = {"cs": lambda k=ksp: compressed_sensing(k, 1e-3, 100)}
+            for p in variants:
+                if p == "onnxruntime":
+                    m = dataclasses.replace(loaded, net=OnnxRuntimeNetwork(loaded.net))
+                else:
+                    m = dataclasses.replace(loaded, net=prepare_network(loaded.net, p.split("+")[0],
+                                                                        channels_last=p.endswith("+cl")))
+                if task == "sr":
+                    fns[p] = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
+                else:
+                    fns[p] = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
+            sec = round_robin(fns, args.repeats)
+            for p in variants:
+                rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}", f"{sec[p] / sec['cs']:.2f}"])
+                print(" | ".join(rows[-1]), flush=True)
+    print("\n### enhance (defaults, self-check on) vs sigpy CS 100 it, one slice\n")
+    print(table(["task", "slice", "network", "enhance s", "CS s", "enhance / CS"], rows))
+
+
+def _onnx_session(net, x, t, threads: int):
+    """ONNX Runtime session of ``net`` exported at the fixed shapes of (x, t), or the reason it failed."""
+    import torch
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime not installed"
+    path = Path(tempfile.mkdtemp()) / "net.onnx"
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, (x, t), str(path), input_names=["x", "t"], output_names=["y"],
+                                  dynamo=dynamo, opset_version=18)
+            break
+        except Exception as exc:  # noqa: BLE001 - report which exporter failed and go on
+            errors.append(f"dynamo={dynamo}: {type(exc).__name__}: {str(exc)[:200]}")
+    else:
+        return None, "; ".join(errors)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal torch's cores
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess, f"exported with dynamo={dynamo}" + (f" ({errors[0]})" if errors else "")
+
+
+def part_forward(args) -> None:
+    """Network forward alone at 256², batch 8: variants as ratios to eager fp32."""
+    import torch
+
+    from medidiff.models import default_model
+
+    net = default_model("sr").net.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 2, 256, 256, generator=gen)
+    t = torch.full((8,), 300, dtype=torch.long)
+    with torch.inference_mode():
+        ref = net(x, t)
+    variants: dict[str, object] = {}
+    notes = []
+
+    def eager():
+        return net(x, t)
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x, t).float()
+
+    variants["eager fp32"] = eager
+    variants["bf16 autocast"] = bf16
+    import copy
+
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants["channels-last fp32"] = lambda: net_cl(x_cl, t)
+
+    def cl_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net_cl(x_cl, t).float()
+
+    variants["channels-last bf16"] = cl_bf16
+    if "compile" in args.variants:
+        comp = torch.compile(copy.deepcopy(net))
+
+        def compiled():
+            return comp(x, t)
+
+        def compiled_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return comp(x, t).float()
+
+        variants["torch.compile fp32"] = compiled
+        variants["torch.compile bf16"] = compiled_bf16
+    if "onnx" in args.variants:
+        sess, note = _onnx_session(copy.deepcopy(net), x, t, torch.get_num_threads())
+        notes.append(f"ONNX: {note}")
+        if sess is not None:
+            feeds = {"x": x.numpy(), "t": t.numpy()}
+            variants["ONNX Runtime fp32"] = lambda: torch.from_numpy(sess.run(None, feeds)[0])
+    first, outs = {}, {}
+    with torch.inference_mode():
+        for name, fn in list(variants.items()):
+            t0 = time.perf_counter()
+            try:
+                outs[name] = fn()
+                fn()
+            except Exception as exc:  # noqa: BLE001 - record the failure, measure the others
+                notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                del variants[name]
+                continue
+            first[name] = time.perf_counter() - t0
+        sec = round_robin(variants, args.repeats, warmup=0)
+    rows = []
+    for name in variants:
+        err = (outs[name].float() - ref).abs()
+        rows.append([name, f"{sec[name]:.3f}", f"{sec['eager fp32'] / sec[name]:.2f}x", f"{first[name]:.1f}", f"{err.max():.2e}",
+                     f"{err.mean():.2e}"])
+    print("\n### network forward, SR x2 U-Net, batch 8 x 256² (CPU)\n")
+    print(table(["variant", "s / forward", "speed-up", "first call s", "max |Δ|", "mean |Δ|"], rows))
+    for n in notes:
+        print(f"- {n}")
+
+
+def part_quality(args) -> None:
+    """ΔPSNR (bf16 − fp32) on every shipped held-out case, SR and recon, at the models' defaults."""
+    from medidiff.evaluation.compare import shipped_cases
+    from medidiff.evaluation.metrics import psnr
+    from medidiff.models import default_model
+    from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+
+    rows = []
+    for task in ("sr", "recon"):
+        loaded = default_model(task)
+        for case in shipped_cases(task):
+            out = {}
+            for p in ("fp32", "bf16"):
+                m = with_precision(loaded, p)
+                t0 = time.perf_counter()
+                if task == "sr":
+                    res = enhance_volume(case.lr, task="sr", model=m, factor=case.sr_factor, seed=0)
+                else:
+                    res = enhance_kspace(case.kspace, model=m, seed=0)
+                out[p] = (res.enhanced.array, time.perf_counter() - t0)
+            ref = case.reference.array
+            p32, p16 = psnr(ref, out["fp32"][0]), psnr(ref, out["bf16"][0])
+            rows.append([task, case.name, "x".join(map(str, ref.shape)), f"{p32:.3f}", f"{p16:.3f}",
+                         f"{p16 - p32:+.3f}", f"{out['fp32'][1] / out['bf16'][1]:.2f}x"])
+            print(" | ".join(rows[-1]), flush=True)
+    print("\n### bf16 vs fp32 on the shipped held-out cases (defaults, self-check on)\n")
+    print(table(["task", "case", "shape", "PSNR fp32", "PSNR bf16", "ΔPSNR", "speed-up (one run)"], rows))
+
+
+def part_mask(args) -> None:
+    """Share of slices / pixels of the benchmark volume outside ``foreground_mask``."""
+    from medidiff.physics.foreground import foreground_mask
+
+    hr = mni_slices(256, 160)
+    lr, _ = sr_input(hr)
+    for name, arr in (("HR 256x256x160", hr), ("SR input 128x128x160", lr.array)):
+        stack = np.moveaxis(arr, 2, 0)
+        t0 = time.perf_counter()
+        mask = foreground_mask(stack)
+        sec = time.perf_counter() - t0
+        empty = ~mask.any(axis=(1, 2))
+        rows, cols = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
+        box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1) / mask[0].size if len(rows) else 0.0
+        per_slice = []  # bounding box of each slice's mask, as a share of the slice
+        for m in mask[~empty]:
+            r, c = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            per_slice.append((np.ptp(r) + 1) * (np.ptp(c) + 1) / m.size)
+        print(f"- {name}: {empty.sum()}/{len(stack)} slices all air ({empty.mean():.1%}), "
+              f"{1 - mask.mean():.1%} of pixels air; volume bounding box {box:.1%} of a slice, per-slice "
+              f"boxes {np.sum(per_slice) / len(stack):.1%} of the volume's pixels; mask took {sec:.2f} s")
+
+
+def main() -> None:
+    """Run the requested parts."""
+    ap = base_parser(__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="slice,forward,quality,mask")
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--variants", default="compile,onnx", help="optional forward variants")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    setup(args)
+    print(f"machine: {machine(args.device)}")
+    from medidiff.models.runtime import cpu_has_native_bf16
+
+    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}")
+    for part in args.parts.split(","):
+        {"slice": part_slice, "forward": part_forward, "quality": part_quality, "mask": part_mask}[part](args)
+
+
+if __name__ == "__main__":
+    main()

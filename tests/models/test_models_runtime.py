@@ -1,0 +1,97 @@
+"""Inference runtime: precision chosen for the hardware, and bf16 output close to eager fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medidiff.models import default_model, runtime
+from medidiff.models.runtime import PreparedNetwork, prepare_network, resolve_precision
+
+# Measured on the shipped sr_x2 network, input below, AMD EPYC with avx512_bf16 (oneDNN):
+# max |bf16 - fp32| = 1.04e-3, mean 1.34e-4 (output max 0.12). Tolerances are ~3x those.
+BF16_MAX_ABS = 3e-3
+BF16_MEAN_ABS = 4e-4
+
+
+@pytest.fixture(scope="module")
+def sr_net() -> torch.nn.Module:
+    return default_model("sr").net
+
+
+def _fixed_input() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 2, 64, 64, generator=g), torch.tensor([100, 500])
+
+
+def test_fp32_prepared_equals_eager(sr_net):
+    x, t = _fixed_input()
+    with torch.no_grad():
+        assert torch.equal(prepare_network(sr_net, "fp32")(x, t), sr_net(x, t))
+
+
+def test_bf16_close_to_fp32_and_really_bf16(sr_net):
+    x, t = _fixed_input()
+    prepared = prepare_network(sr_net, "bf16")
+    with torch.no_grad():
+        ref, out = sr_net(x, t), prepared(x, t)
+    assert out.dtype == torch.float32  # data consistency downstream stays fp32
+    assert all(p.dtype == torch.float32 for p in sr_net.parameters())  # weights untouched
+    err = (out - ref).abs()
+    assert float(err.max()) < BF16_MAX_ABS
+    assert float(err.mean()) < BF16_MEAN_ABS
+    if runtime.cpu_has_native_bf16():
+        assert float(err.max()) > 0  # autocast did run the convolutions in bf16
+
+
+def test_prepared_network_looks_like_the_network(sr_net):
+    prepared = prepare_network(sr_net, "fp32")
+    assert isinstance(prepared, PreparedNetwork) and not prepared.training
+    assert next(prepared.parameters()).device == next(sr_net.parameters()).device
+    assert prepared.inner is sr_net
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        PreparedNetwork(sr_net, "auto")
+
+
+def test_resolve_precision_follows_the_hardware(monkeypatch):
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        assert resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_cpu_flags_agree_with_native_bf16():
+    flags = runtime.cpu_flags()
+    if flags:
+        assert runtime.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_channels_last_bf16_close_and_network_untouched(sr_net):
+    x, t = _fixed_input()
+    prepared = prepare_network(sr_net, "bf16", channels_last=True)
+    assert prepared.inner is not sr_net  # a copy: the shared network keeps its layout
+    assert all(p.is_contiguous() for p in sr_net.parameters())
+    with torch.no_grad():
+        err = (prepared(x, t) - sr_net(x, t)).abs()
+    assert float(err.max()) < BF16_MAX_ABS
+    assert float(err.mean()) < BF16_MEAN_ABS
+
+
+def test_onnxruntime_network_matches_eager_at_other_shapes(sr_net):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    ort_net = runtime.OnnxRuntimeNetwork(sr_net, threads=1)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(2, 2, 64, 64), (3, 2, 96, 128)]:  # exported once, any batch / size (multiples of 8)
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = sr_net(x, torch.full((shape[0],), 300))
+        out = ort_net(x, torch.tensor(300))  # a scalar timestep is broadcast over the batch
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert float((out - ref).abs().max()) < 1e-5  # fp32 on both sides: rounding only (measured 9e-8)
