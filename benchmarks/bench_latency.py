@@ -27,7 +27,8 @@ def main() -> None:
     """Print the latency tables."""
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512", help="output slice sizes (square)")
-    ap.add_argument("--steps", default="default,1,2,4,10", help="step counts; 'default' = the model's setting")
+    ap.add_argument("--steps", default="default,1,2,4,10",
+                    help="step counts; 'default' = the model's setting")
     ap.add_argument("--tasks", default="sr,recon", help="sr, recon or both")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cs-iters", type=int, default=100)
@@ -53,9 +54,11 @@ def main() -> None:
                 inp, ref = recon_input(hr)
             for s in steps:
                 if task == "sr":
-                    fn = lambda s=s, inp=inp, m=model: enhance_volume(inp, task="sr", model=m, steps=s, seed=0)
+                    def fn(s=s, inp=inp, m=model):
+                        return enhance_volume(inp, task="sr", model=m, steps=s, seed=0)
                 else:
-                    fn = lambda s=s, inp=inp, m=model: enhance_kspace(inp, model=m, steps=s, seed=0)
+                    def fn(s=s, inp=inp, m=model):
+                        return enhance_kspace(inp, model=m, steps=s, seed=0)
                 sec, res = time_call(fn, args.device, repeats=args.repeats)
                 nfe = res.metrics.get("network_evals", float("nan"))
                 rows.append([f"{size}²", "default" if s is None else s, f"{nfe:.0f}", f"{sec:.3f}",

@@ -74,7 +74,10 @@ def main() -> None:
     model = load_model("sr", args.model, args.device)
     lr, hr = sr_input(mni_slices(args.size, args.slices))
     dev_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    variants = {"fp32": model, "bf16 autocast": dataclasses.replace(model, net=autocast_net(model.net, dev_type))}
+    variants = {
+        "fp32": model,
+        "bf16 autocast": dataclasses.replace(model, net=autocast_net(model.net, dev_type)),
+    }
     notes = []
     if dev_type == "cpu":
         q, n_q, n_conv, share = quantise_int8(model.net)
@@ -94,7 +97,8 @@ def main() -> None:
         p = psnr(hr, out)
         rows.append([name, f"{sec / args.slices:.3f}", f"{ref_sec / sec:.2f}x", f"{p:.2f}",
                      f"{p - psnr(hr, ref_out):+.3f}", f"{abs(out - ref_out).max() / hr.max():.2e}"])
-    print(f"\n### SR x2, {args.slices} slices of {args.size}², steps {args.steps or 'default'} ({args.device})\n")
+    print(f"\n### SR x2, {args.slices} slices of {args.size}², "
+          f"steps {args.steps or 'default'} ({args.device})\n")
     print(table(["variant", "s / slice", "speed-up", "PSNR (dB)", "ΔPSNR vs fp32", "max |Δ| / max"], rows))
     for n in notes:
         print(f"- {n}")

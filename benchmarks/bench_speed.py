@@ -4,8 +4,8 @@
 
 * slice: per-slice time of ``enhance_volume`` (SR ×2) and ``enhance_kspace`` (recon ×4) at 256² and 512²,
   fp32, bf16, bf16 + channels-last (``medidiff.models.runtime.prepare_network``) and ONNX Runtime fp32
-  (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy L1-wavelet CS (100 iterations) on
-  the same slice in the same process; the figure to read is the ratio enhance / CS.
+  (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy L1-wavelet CS
+  (100 iterations) on the same slice in the same process; the figure to read is the ratio enhance / CS.
 * forward: the network's forward alone (batch 8 at 256²): eager fp32, bf16 autocast, channels-last,
   ``torch.compile`` (inductor) and ONNX Runtime (when installed), each as a ratio to eager fp32.
 * quality: ΔPSNR bf16 − fp32 per shipped held-out case (``medidiff evaluate``'s cases), SR and recon.
@@ -45,7 +45,10 @@ def _has_onnxruntime() -> bool:
 
 
 def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, timed in turn so that load changes on a shared machine hit all alike."""
+    """Median seconds of each callable.
+
+    Timed in turn, so that load changes on a shared machine hit all alike.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -65,7 +68,9 @@ def part_slice(args) -> None:
     from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
-    variants = ["fp32", "bf16", "bf16+cl"] + (["onnxruntime"] if "onnx" in args.variants and _has_onnxruntime() else [])
+    variants = ["fp32", "bf16", "bf16+cl"]
+    if "onnx" in args.variants and _has_onnxruntime():
+        variants.append("onnxruntime")
     rows = []
     for task in ("sr", "recon"):
         loaded = default_model(task)
@@ -86,7 +91,8 @@ def part_slice(args) -> None:
                     fns[p] = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
             sec = round_robin(fns, args.repeats)
             for p in variants:
-                rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}", f"{sec[p] / sec['cs']:.2f}"])
+                rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}",
+                             f"{sec[p] / sec['cs']:.2f}"])
                 print(" | ".join(rows[-1]), flush=True)
     print("\n### enhance (defaults, self-check on) vs sigpy CS 100 it, one slice\n")
     print(table(["task", "slice", "network", "enhance s", "CS s", "enhance / CS"], rows))
@@ -116,7 +122,8 @@ def _onnx_session(net, x, t, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal torch's cores
+    # idle threads must not steal torch's cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess, f"exported with dynamo={dynamo}" + (f" ({errors[0]})" if errors else "")
 
@@ -190,8 +197,8 @@ def part_forward(args) -> None:
     rows = []
     for name in variants:
         err = (outs[name].float() - ref).abs()
-        rows.append([name, f"{sec[name]:.3f}", f"{sec['eager fp32'] / sec[name]:.2f}x", f"{first[name]:.1f}", f"{err.max():.2e}",
-                     f"{err.mean():.2e}"])
+        rows.append([name, f"{sec[name]:.3f}", f"{sec['eager fp32'] / sec[name]:.2f}x", f"{first[name]:.1f}",
+                     f"{err.max():.2e}", f"{err.mean():.2e}"])
     print("\n### network forward, SR x2 U-Net, batch 8 x 256² (CPU)\n")
     print(table(["variant", "s / forward", "speed-up", "first call s", "max |Δ|", "mean |Δ|"], rows))
     for n in notes:
@@ -201,7 +208,7 @@ def part_forward(args) -> None:
 def part_quality(args) -> None:
     """ΔPSNR (bf16 − fp32) on every shipped held-out case, SR and recon, at the models' defaults."""
     from medidiff.evaluation.compare import shipped_cases
-    from medidiff.evaluation.metrics import psnr
+    from medidiff.metrics import psnr
     from medidiff.models import default_model
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 

@@ -125,7 +125,10 @@ def sync(device: str) -> None:
 
 
 def time_call(fn: Callable[[], Any], device: str, repeats: int = 3, warmup: int = 1) -> tuple[float, Any]:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs; returns (seconds, last result)."""
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    Returns ``(seconds, last result)``.
+    """
     result = None
     for _ in range(warmup):
         result = fn()

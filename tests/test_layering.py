@@ -1,7 +1,8 @@
 """The package's layers, checked from the source: every module imports on its own, no import cycles, and no
 lower layer imports a higher one (ARCHITECTURE.md), counting imports inside functions too.
 
-Layer order: io → physics → tasks (+ recipe) → data/models → diffusion → baselines/evaluation → pipeline → review → cli.
+Layer order: io → physics → tasks (+ recipe) → data/models → diffusion → baselines/evaluation → pipeline →
+review → cli.
 ``medidiff.tracking`` (MLflow) is used by the layers that run and read tracked jobs and imports no layer.
 """
 
@@ -221,7 +222,10 @@ print(json.dumps(failures))
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="imports each module in a forked fresh interpreter")
 def test_every_module_imports_in_a_fresh_interpreter() -> None:
-    """Each module imports on its own, first of medidiff's modules in its interpreter (no order dependence)."""
+    """Each module imports on its own, first of medidiff's modules in its interpreter.
+
+    So no module depends on what was imported before it.
+    """
     modules = [m for m in module_names() if m != "medidiff.__main__"]  # __main__ runs the command
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(

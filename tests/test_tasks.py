@@ -1,4 +1,4 @@
-"""The task layer: one operator factory and one intensity normalisation for training, evaluation and enhance."""
+"""The task layer: one operator factory and one intensity normalisation for training, evaluation, enhance."""
 
 from __future__ import annotations
 

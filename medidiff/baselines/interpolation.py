@@ -56,13 +56,17 @@ def plane_axes_from_shapes(
 ) -> tuple[tuple[int, ...], int]:
     """The axes that were downsampled (``hr // lr > 1``) and the common integer factor."""
     if len(lr_shape) != len(hr_shape):
-        raise ValueError(f"low-res shape {tuple(lr_shape)} and reference shape {tuple(hr_shape)} differ in rank")
+        raise ValueError(
+            f"low-res shape {tuple(lr_shape)} and reference shape {tuple(hr_shape)} differ in rank"
+        )
     axes, factors = [], set()
     for ax, (lo, hi) in enumerate(zip(lr_shape, hr_shape, strict=True)):
         if hi == lo:
             continue
         if hi % lo:
-            raise ValueError(f"reference shape {tuple(hr_shape)} is not an integer multiple of {tuple(lr_shape)}")
+            raise ValueError(
+                f"reference shape {tuple(hr_shape)} is not an integer multiple of {tuple(lr_shape)}"
+            )
         axes.append(ax)
         factors.add(hi // lo)
     if not axes or len(factors) != 1:
@@ -90,4 +94,6 @@ def upsample_volume(lr: Volume, factor: int, axes: Sequence[int] = (0, 1), metho
     stack = np.moveaxis(lr.array, (other, *axes), (0, 1, 2))  # (S, h, w)
     up = funcs[method](stack, factor)
     array = np.moveaxis(up, (0, 1, 2), (other, *axes))
-    return lr.with_array(np.ascontiguousarray(array, dtype=np.float32), hr_affine_inplane(lr.affine, factor, axes))
+    return lr.with_array(
+        np.ascontiguousarray(array, dtype=np.float32), hr_affine_inplane(lr.affine, factor, axes)
+    )

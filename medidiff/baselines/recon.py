@@ -32,7 +32,9 @@ def _coil_kspace(data) -> np.ndarray:
     if ksp.ndim == 3:
         ksp = ksp[:, None]
     if ksp.ndim != 4:
-        raise ValueError(f"k-space of {getattr(data, 'path', '<memory>')} must be (S,H,W) or (S,C,H,W), got {ksp.shape}")
+        raise ValueError(
+            f"k-space of {getattr(data, 'path', '<memory>')} must be (S,H,W) or (S,C,H,W), got {ksp.shape}"
+        )
     return ksp.astype(np.complex64, copy=False)
 
 
@@ -51,7 +53,8 @@ def _zero_filled_stack(ksp: np.ndarray) -> np.ndarray:
 
 def _as_volume(stack_shw: np.ndarray, data) -> Volume:
     """``(S, H, W)`` slices -> a ``Volume`` ``(H, W, S)`` on the k-space file's image grid."""
-    meta = {k: v for k, v in dict(getattr(data, "meta", {}) or {}).items() if isinstance(v, (str, int, float))}
+    source_meta = dict(getattr(data, "meta", {}) or {})
+    meta = {k: v for k, v in source_meta.items() if isinstance(v, (str, int, float))}
     return Volume(np.ascontiguousarray(np.moveaxis(stack_shw, 0, -1), dtype=np.float32), data.affine, meta)
 
 

@@ -194,7 +194,9 @@ def predict_slices(model: RegressionUNet, op: Operator, y: torch.Tensor, stack_y
         h, w = cond.shape[-2:]
         ph, pw = (-h) % _MULTIPLE, (-w) % _MULTIPLE
         mode = "reflect" if ph < h and pw < w else "replicate"
-        padded = torch.nn.functional.pad(cond.float(), (0, pw, 0, ph), mode=mode) if (ph or pw) else cond.float()
+        padded = cond.float()
+        if ph or pw:
+            padded = torch.nn.functional.pad(padded, (0, pw, 0, ph), mode=mode)
         patch = recipe.data.patch_size
         with torch.inference_mode():
             if max(padded.shape[-2:]) > patch:
@@ -210,9 +212,14 @@ def predict_slices(model: RegressionUNet, op: Operator, y: torch.Tensor, stack_y
 
 
 def unet_enhance_volume(model: RegressionUNet, lr: Volume) -> Volume:
-    """In-plane SR of a low-resolution Volume (slices along axis 2, like ``enhance_volume``) on the HR grid."""
+    """In-plane SR of a low-resolution Volume on the HR grid.
+
+    Slices run along axis 2, as in ``enhance_volume``.
+    """
     if model.task != "sr":
-        raise ValueError(f"regression U-Net trained for {model.task!r}; unet_enhance_volume does in-plane 'sr'")
+        raise ValueError(
+            f"regression U-Net trained for {model.task!r}; unet_enhance_volume does in-plane 'sr'"
+        )
     f = model.recipe.task.factor
     stack = np.moveaxis(np.asarray(lr.array, np.float32), 2, 0)
     scale = measurement_scale("sr", stack)
@@ -253,8 +260,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--config", required=True, help="the diffusion recipe (pipelines/*.yaml) to match")
     ap.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's train.steps")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="override the recipe's batch size (default: train.batch_size, batch_size_gpu on CUDA)")
+    ap.add_argument(
+        "--batch-size", type=int, default=None,
+        help="override the recipe's batch size (default: train.batch_size, batch_size_gpu on CUDA)",
+    )
     ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -264,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if step % 100 == 0 or step == total:
             print(f"step {step}/{total} loss {loss:.4f}", flush=True)
 
-    model, history = train_regression_unet(recipe, steps=args.steps, batch_size=args.batch_size,
-                                           device=args.device, progress=report, time_budget_s=args.time_budget)
+    model, history = train_regression_unet(
+        recipe, steps=args.steps, batch_size=args.batch_size, device=args.device, progress=report,
+        time_budget_s=args.time_budget,
+    )
     out = save_unet(args.out, model, recipe_file=Path(args.config).name)
     print(f"saved {out} after {history[-1]['step']} steps, {model.meta['train_seconds']} s")
 

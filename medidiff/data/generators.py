@@ -140,7 +140,7 @@ def smooth_fields(
         sigma = (0.0, 0.5 * max(length_px[0], 0.5), 0.5 * max(length_px[1], 0.5))
         out = gaussian_filter(noise, sigma, mode="wrap", truncate=3.0)
     else:
-        cells = [int(np.clip(np.ceil(n / ell), 1, 47)) + 1 for n, ell in zip(shape, length_px)]
+        cells = [int(np.clip(np.ceil(n / ell), 1, 47)) + 1 for n, ell in zip(shape, length_px, strict=True)]
         by, bx = _gaussian_basis(shape[0], cells[0]), _gaussian_basis(shape[1], cells[1])
         coeff = rng.standard_normal((count, cells[0], cells[1]), dtype=np.float32)
         with _single_threaded_blas():
@@ -270,7 +270,10 @@ def bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: float
 
 
 def _tukey(n: int, taper: float) -> np.ndarray:
-    """Tukey window over the ``n`` centred frequencies of an axis (1 in the middle, cosine to 0 at the edge)."""
+    """Tukey window over the ``n`` centred frequencies of an axis.
+
+    1 in the middle, a cosine taper to 0 at the edge.
+    """
     f = np.abs(np.fft.fftfreq(n)) * 2.0  # 0 at DC, 1 at Nyquist (numpy's unshifted order)
     if taper <= 0:
         return np.ones(n, np.float32)
@@ -299,7 +302,10 @@ def rician(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndar
 
 
 def normalise_tissue(clean: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """``clean`` scaled so that its 99th percentile inside ``body`` is 1 (the whole image if ``body`` is empty)."""
+    """``clean`` scaled so that its 99th percentile inside ``body`` is 1.
+
+    The whole image counts when ``body`` is empty.
+    """
     inside = clean[body] if body.any() else clean
     p99 = float(np.percentile(inside, 99)) if inside.size else 0.0
     return (clean / p99).astype(np.float32) if p99 > 0 else clean.astype(np.float32)

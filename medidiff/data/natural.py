@@ -95,7 +95,10 @@ def _load_gray(package: str, relative: str) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def natural_images(split: str = "train") -> tuple[tuple[str, np.ndarray], ...]:
-    """``(name, image)`` of one split: grayscale float32 (read-only), 99th percentile 1; cached per process."""
+    """``(name, image)`` of one split: grayscale float32 (read-only), 99th percentile 1.
+
+    Cached per process.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     keep = [(n, p, r) for n, p, r in NATURAL_FILES if (n in OOD_NAMES) == (split == "ood")]

@@ -95,7 +95,10 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def mni_tissue_maps() -> dict[str, np.ndarray]:
-    """Tissue probability maps on the MNI152 grid: ``gm``, ``wm`` (shipped) and ``csf`` (brain minus both), 0..1."""
+    """Tissue probability maps (0..1) on the MNI152 grid.
+
+    ``gm`` and ``wm`` are shipped; ``csf`` is the brain minus both.
+    """
     from scipy.ndimage import gaussian_filter
 
     gm, _ = _load_nifti_cached(str(package_file("nilearn", f"datasets/data/{MNI_GM}")))
@@ -138,7 +141,10 @@ def real_training_volumes() -> list[tuple[str, Volume]]:
 
 
 def real_evaluation_volumes() -> list[tuple[str, Volume]]:
-    """The held-out real evaluation scans: ``(name, Volume)`` for the four files listed in the module docstring."""
+    """The held-out real evaluation scans.
+
+    ``(name, Volume)`` for the four files listed in the module docstring.
+    """
     out = [("dipy_t1_coronal_slice", _coronal_slice())]
     for name, rel in (
         ("dipy_aniso_vox", "data/files/aniso_vox.nii.gz"),

@@ -54,7 +54,7 @@ def _template() -> dict:
     lo, hi = idx.min(0), idx.max(0) + 1
     c0 = np.maximum(lo - _MARGIN, 0)
     c1 = np.minimum(hi + _MARGIN, np.asarray(head.shape))
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(c0, c1))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(c0, c1, strict=True))
     t1n = t1.array / max(float(np.percentile(t1.array[head], 99.5)), 1e-6)
     headf = gaussian_filter(head.astype(np.float32), 0.7)
     gm, wm, csf = (maps[k] for k in ("gm", "wm", "csf"))
@@ -145,7 +145,7 @@ def _coordinates(
     m = rot * scale[None, :]  # acts on mm offsets
     axes_mm = [(lo[d] + (np.arange(shape[d]) + 0.5) * step[d] - 0.5) * spacing[d] for d in range(3)]
     centre = np.asarray([a.mean() for a in axes_mm])
-    off = [a - c for a, c in zip(axes_mm, centre)]
+    off = [a - c for a, c in zip(axes_mm, centre, strict=True)]
     k = 5
     amp = float(rng.uniform(0.5, 3.0))
     bases = [_basis(shape[d], k, step[d] * spacing[d], 0.0) for d in range(3)]

@@ -1,4 +1,4 @@
-"""The noise process: MONAI schedulers built from a recipe, parameterisation conversions and the training loss.
+"""The noise process: MONAI schedulers from a recipe, parameterisation conversions and the training loss.
 
 The network always sees ``[x_t, conditioning]`` (channel concatenation) and outputs the recipe's
 ``prediction_type``. Sampling converts that output to x̂0, applies data consistency, and converts back, so
@@ -17,7 +17,10 @@ Scheduler = DDPMScheduler | DDIMScheduler | RFlowScheduler
 
 
 def make_scheduler(cfg: DiffusionConfig) -> Scheduler:
-    """DDPM / DDIM / RFlow scheduler from MONAI, with ``clip_sample`` off (MRI intensities are not in [-1, 1])."""
+    """DDPM / DDIM / RFlow scheduler from MONAI, with ``clip_sample`` off.
+
+    MRI intensities are not in [-1, 1].
+    """
     if cfg.scheduler == "rflow":
         return RFlowScheduler(num_train_timesteps=cfg.train_timesteps, use_discrete_timesteps=True,
                               sample_method="uniform", use_timestep_transform=False)
@@ -71,7 +74,9 @@ def from_x0(scheduler: Scheduler, prediction_type: str, x0: Tensor, x_t: Tensor,
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
-def training_target(scheduler: Scheduler, prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+def training_target(
+    scheduler: Scheduler, prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor
+) -> Tensor:
     """What the network should output for this prediction type."""
     if prediction_type == "sample":
         return x0

@@ -26,9 +26,9 @@ __all__ = ["DataConsistency", "SampleOutput", "from_channels", "padded_call", "s
 class DataConsistency:
     """Agreement with the measurement, with the operator that made it.
 
-    ``mode``: ``"hard"`` projects onto ``{x : A x = y}``; ``"prox"`` takes the proximal step for a noise level
-    ``noise_sigma`` (normalised units) and ``weight`` (falls back to the projection when ``noise_sigma`` is 0);
-    ``"none"`` leaves the image as it is.
+    ``mode``: ``"hard"`` projects onto ``{x : A x = y}``; ``"prox"`` takes the proximal step for a noise
+    level ``noise_sigma`` (normalised units) and ``weight`` (falls back to the projection when
+    ``noise_sigma`` is 0); ``"none"`` leaves the image as it is.
     """
 
     operator: Operator
@@ -39,7 +39,10 @@ class DataConsistency:
     @classmethod
     def from_recipe(cls, operator: Operator, recipe: Recipe, mode: str | None = None,
                     noise_sigma: float | None = None) -> DataConsistency:
-        """The recipe's (``diffusion.dc``, ``task.noise_sigma``, ``diffusion.dc_weight``) unless overridden."""
+        """The recipe's data consistency, unless overridden.
+
+        From ``diffusion.dc``, ``task.noise_sigma`` and ``diffusion.dc_weight``.
+        """
         d = recipe.diffusion
         return cls(operator, mode or d.dc, recipe.task.noise_sigma if noise_sigma is None else noise_sigma,
                    d.dc_weight)
@@ -123,7 +126,8 @@ def sample(
 
     scheduler = make_scheduler(d)
     timesteps = sampling_timesteps(scheduler, steps, strength, device=device)
-    start = torch.zeros_like(cond[:, : recipe.image_channels]) if residual else cond[:, : recipe.image_channels]
+    image_cond = cond[:, : recipe.image_channels]
+    start = torch.zeros_like(image_cond) if residual else image_cond
     noise = torch.randn(start.shape, generator=generator, device=device, dtype=start.dtype)
     x = scheduler.add_noise(start, noise, timesteps[:1].repeat(start.shape[0]))
 

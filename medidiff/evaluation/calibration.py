@@ -137,7 +137,10 @@ def make_case(
 
 @dataclass(frozen=True)
 class Calibration:
-    """A calibrated spread: half-width = ``quantile * (std + epsilon * scale)`` covers ``coverage`` of voxels."""
+    """A calibrated spread.
+
+    The half-width ``quantile * (std + epsilon * scale)`` covers ``coverage`` of voxels.
+    """
 
     coverage: float
     quantile: float
@@ -166,8 +169,8 @@ class Calibration:
     def describe(self) -> str:
         """One line for a NIfTI description, a DICOM DerivationDescription or a manifest."""
         return (
-            f"{100 * self.coverage:g}% interval half-width (split-conformal, {self.task}, K={self.samples_k}, "
-            f"{self.n_cases} calibration cases)"
+            f"{100 * self.coverage:g}% interval half-width (split-conformal, {self.task}, "
+            f"K={self.samples_k}, {self.n_cases} calibration cases)"
         )
 
 

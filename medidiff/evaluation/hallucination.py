@@ -1,4 +1,4 @@
-"""Per-patch hallucination flags: structure in the model-filled frequency band that the measurement does not support.
+"""Per-patch hallucination flags: structure in the model-filled band that the measurement does not support.
 
 In the spirit of the FDA's sFRC (Kc et al., "sFRC for assessing hallucinations in medical image
 restoration", 2024): the image is cut into overlapping Hann-windowed patches (``patch`` px, ``stride`` px)
@@ -90,7 +90,10 @@ def _window(patch: int) -> np.ndarray:
 
 
 def _patches(plane: np.ndarray, patch: int, stride: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Overlapping patches ``(ny, nx, patch, patch)`` of the reflect-padded plane, and the padding (top, left)."""
+    """Overlapping patches ``(ny, nx, patch, patch)`` of the reflect-padded plane, and the padding.
+
+    The padding is ``(top, left)``.
+    """
     pad = patch // 2
     h, w = plane.shape
     extra_h = (-(h + 2 * pad - patch)) % stride
@@ -138,7 +141,8 @@ def _plane_scores(
         unsupported = np.maximum(unsupported, disagreement)
     score = np.sqrt(np.maximum(unsupported, 0.0) / norm) / floor  # (ny, nx)
 
-    # Spread patch scores back with the Hann weights: overlap-add in stride-sized tiles, divide by the weights.
+    # Spread patch scores back with the Hann weights: overlap-add in stride-sized tiles, then divide by
+    # the weights.
     ny, nx = score.shape
     m = patch // stride
     tiles = (win[None, None] * score[:, :, None, None]).reshape(ny, nx, m, stride, m, stride)

@@ -21,11 +21,12 @@ than on its edges.
 Invented blobs are counted by :func:`count_blobs` on ``enhanced - reference`` and ``classical - reference``
 of the same scans *without* lesions: the scale-normalised determinant of the Hessian,
 ``4 s^2 sqrt(det H)`` (the amplitude of a Gaussian blob of matching width, near zero on ridges and edge
-residue), at radii 1, 2 and 4 mm (``s = r / sqrt 2``); each voxel keeps its strongest scale, where both principal
-curvatures must share a sign and differ by at most 2x (``min_roundness = 0.5``), and the response must exceed
-``z = 5`` robust standard deviations of the scale's ``-2 s^2 LoG`` response inside the body (and
-``min_amplitude`` when given); compact connected components (elongation <= 3) of each scale are detections, and detections within
-reach of a larger-scale one (``|c1 - c2| <= r1 + r2``, same plane) merge into one blob.
+residue), at radii 1, 2 and 4 mm (``s = r / sqrt 2``); each voxel keeps its strongest scale, where both
+principal curvatures must share a sign and differ by at most 2x (``min_roundness = 0.5``), and the response
+must exceed ``z = 5`` robust standard deviations of the scale's ``-2 s^2 LoG`` response inside the body
+(and ``min_amplitude`` when given); compact connected components (elongation <= 3) of each scale are
+detections, and detections within reach of a larger-scale one (``|c1 - c2| <= r1 + r2``, same plane)
+merge into one blob.
 """
 
 from __future__ import annotations
@@ -102,13 +103,13 @@ class Lesion:
         return max(self.ring_mm()[1], self.radius_mm + 3 * self.edge_width_mm)
 
     def window(self, shape: tuple[int, ...]) -> tuple[tuple[slice | int, ...], np.ndarray]:
-        """Index of the lesion's neighbourhood in an image of ``shape`` and the distance (mm) of each voxel."""
+        """Index of the lesion's neighbourhood in an image of ``shape``, and each voxel's distance (mm)."""
         sy, sx = self._plane_spacing()
         reach = self.reach_mm()
         plane_axes = [a for a in range(len(shape)) if a != self.slice_axis]
         index: list[slice | int] = [0] * len(shape)
         coords = []
-        for axis, step in zip(plane_axes, (sy, sx)):
+        for axis, step in zip(plane_axes, (sy, sx), strict=False):
             c = self.center[axis]
             half = math.ceil(reach / step) + 1
             lo, hi = max(0, c - half), min(shape[axis], c + half + 1)
@@ -233,7 +234,8 @@ def lesion_metrics(
 
     ``without``: the same three images made from the scan *without* lesions. When given, each contrast is
     paired: ``(core - ring)`` with the lesion minus ``(core - ring)`` without it, so tissue structure under
-    the lesion cancels and "kept" measures the lesion alone. CNR is always the plain ``(core - ring) / sd(ring)``.
+    the lesion cancels and "kept" measures the lesion alone. CNR is always the plain
+    ``(core - ring) / sd(ring)``.
     """
     images = {"reference": reference, "classical": classical, "enhanced": enhanced}
     rows = []
@@ -400,7 +402,8 @@ def summarise_lesions(rows: Sequence[dict], blob_rows: Sequence[dict] = ()) -> d
     """Per (diameter, contrast) means, and the issue's targets.
 
     Targets: lesions >= 4 mm keep >= 90 % of their contrast; no lesion loses more contrast than the classical
-    image loses it (2 points of tolerance); no more blobs in enhanced - reference than in classical - reference.
+    image loses it (2 points of tolerance); no more blobs in enhanced - reference than in
+    classical - reference.
     """
     groups: dict[tuple[float, float], list[dict]] = {}
     for row in rows:

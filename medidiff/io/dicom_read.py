@@ -29,7 +29,7 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _ORIENT_DECIMALS = 4
 
 
-# ----------------------------------------------------------------------------------------------- pydicom messages
+# ------------------------------------------------------------------------------------------ pydicom messages
 class _ListHandler(logging.Handler):
     """Logging handler that appends each record's message to a list."""
 
@@ -346,7 +346,9 @@ def _duplicate_uids(headers: list[Any]) -> list[str]:
     if not repeated:
         return []
     shared = sum(c > 1 for c in counts.values())
-    return [f"duplicate SOP Instance UIDs: {repeated} files share {shared} UID(s) (copies of the same image?)"]
+    return [
+        f"duplicate SOP Instance UIDs: {repeated} files share {shared} UID(s) (copies of the same image?)"
+    ]
 
 
 def _float_or_none(value, decimals: int) -> float | None:
@@ -462,7 +464,10 @@ def stack_geometry(
 
 
 def _plane_problem(row: np.ndarray, col: np.ndarray, spacing: list[float], pos: np.ndarray) -> str | None:
-    """Why plane geometry values cannot place a slice: non-finite, non-positive spacing, bad direction cosines."""
+    """Why plane geometry values cannot place a slice.
+
+    Non-finite values, non-positive spacing, bad direction cosines.
+    """
     if not (np.all(np.isfinite(row)) and np.all(np.isfinite(col)) and np.all(np.isfinite(pos))):
         return "ImageOrientationPatient or ImagePositionPatient contains NaN or Inf"
     if not all(np.isfinite(v) and v > 0 for v in spacing):
@@ -689,7 +694,9 @@ def load_group(
             vol = _load_group(group, where, notes, max_voxels)
         except ScanError:
             raise
-        except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError, NotImplementedError) as exc:
+        except (
+            ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError, NotImplementedError
+        ) as exc:
             raise ScanError(where, f"malformed DICOM header values ({type(exc).__name__}: {exc})") from None
     problems = list(dict.fromkeys(group.notes + notes + warning_problems(messages)))
     vol.meta["problems"] = problems
@@ -715,7 +722,9 @@ def _load_group(group: DicomGroup, where: Path, notes: list[str], max_voxels: in
         ds, arr = decode_file(path, notes)
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         if arr.size != n_frames * int(ds.Rows) * int(ds.Columns):
-            raise ScanError(path, f"decoded {arr.shape} pixels for {n_frames} frame(s) of {ds.Rows}×{ds.Columns}")
+            raise ScanError(
+                path, f"decoded {arr.shape} pixels for {n_frames} frame(s) of {ds.Rows}×{ds.Columns}"
+            )
         arr = arr.reshape((n_frames,) + arr.shape[-2:])
         per_frame = ds.PerFrameFunctionalGroupsSequence
         frames = [group.frames[i] for i in order]

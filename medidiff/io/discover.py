@@ -358,7 +358,9 @@ def _walk(root: Path) -> Iterator[tuple[Path, list[Path], str | None]]:
         stack.extend(reversed(folders))
 
 
-def _sources_for_files(folder: Path, files: list[Path], root: Path, single: bool = False) -> Iterator[ScanSource]:
+def _sources_for_files(
+    folder: Path, files: list[Path], root: Path, single: bool = False
+) -> Iterator[ScanSource]:
     """Sources of one folder's files; an unexpected failure on one file is that file's problem."""
     from medidiff.io.dicom_read import read_header
 
@@ -389,11 +391,14 @@ def _sources_for_files(folder: Path, files: list[Path], root: Path, single: bool
                 except ScanError as exc:
                     yield _invalid(path, root, exc.problem)
         except (ScanError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            yield _invalid(path, root, getattr(exc, "problem", None) or f"unreadable ({type(exc).__name__}: {exc})")
+            problem = getattr(exc, "problem", None) or f"unreadable ({type(exc).__name__}: {exc})"
+            yield _invalid(path, root, problem)
     if headers:
         try:
             found = list(_dicom_sources(folder, headers, root, notes, single=single))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, NotImplementedError) as exc:
+        except (
+            ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, NotImplementedError
+        ) as exc:
             problem = f"DICOM headers could not be grouped ({type(exc).__name__}: {exc})"
             found = [_invalid(path, root, problem) for path, _ in headers]
         yield from found

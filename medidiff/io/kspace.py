@@ -126,7 +126,9 @@ def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
         try:
             value = float(text)
         except ValueError:
-            raise HeaderError(f"ismrmrd_header {space}/{field_name}/{axis} is {text[:20]!r}, not a number") from None
+            raise HeaderError(
+                f"ismrmrd_header {space}/{field_name}/{axis} is {text[:20]!r}, not a number"
+            ) from None
         if not np.isfinite(value):
             raise HeaderError(f"ismrmrd_header {space}/{field_name}/{axis} is {text[:20]!r}, not finite")
         return value
@@ -141,7 +143,9 @@ def parse_ismrmrd_header(xml: str | bytes) -> dict[str, Any]:
         fov = find(node, "fieldOfView_mm")
         if matrix is not None:
             out[f"{space}_matrix"] = [
-                int(number(find(matrix, a), space, "matrixSize", a)) for a in "xyz" if find(matrix, a) is not None
+                int(number(find(matrix, a), space, "matrixSize", a))
+                for a in "xyz"
+                if find(matrix, a) is not None
             ]
         if fov is not None:
             out[f"{space}_fov_mm"] = [
@@ -192,7 +196,9 @@ def _geometry(stored_affine, header: str | None, shape: tuple[int, int, int], pr
     spacing = _header_spacing(header_info)
     matrix, fov = header_info.get("encodedSpace_matrix"), header_info.get("encodedSpace_fov_mm")
     if spacing is None and matrix and fov:
-        problems.append(f"ismrmrd_header encodedSpace gives no positive spacing (matrix {matrix}, field of view {fov} mm)")
+        problems.append(
+            f"ismrmrd_header encodedSpace gives no positive spacing (matrix {matrix}, field of view {fov} mm)"
+        )
     if spacing is None:
         spacing = (1.0, 1.0, 1.0)
         problems.append("no usable ismrmrd_header field of view: spacing assumed 1 mm, orientation unknown")
@@ -333,9 +339,9 @@ def read_kspace(
             raw = _read_dataset(f, "kspace", path, max_voxels)
             if pairs:
                 raw = raw[..., 0] + 1j * raw[..., 1].astype(np.float32)
-            mask = (
-                np.asarray(_read_dataset(f, "mask", path, max_voxels), dtype=np.float32) if "mask" in f else None
-            )
+            mask = None
+            if "mask" in f:
+                mask = np.asarray(_read_dataset(f, "mask", path, max_voxels), dtype=np.float32)
             order = (
                 ("reconstruction_rss", "reconstruction_esc")
                 if raw.ndim == 4

@@ -27,7 +27,9 @@ def _parse(value: str | float) -> int:
     try:
         n = int(value) if isinstance(value, int) else int(float(str(value).strip().replace("_", "")))
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{ENV_MAX_VOXELS} / --max-voxels must be a positive integer, got {value!r}") from None
+        raise ValueError(
+            f"{ENV_MAX_VOXELS} / --max-voxels must be a positive integer, got {value!r}"
+        ) from None
     if n <= 0:
         raise ValueError(f"{ENV_MAX_VOXELS} / --max-voxels must be a positive integer, got {value!r}")
     return n

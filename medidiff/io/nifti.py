@@ -71,7 +71,9 @@ def _to_float32(data: np.ndarray, meta_problems: list[str], complex_mode: str, p
     """float32 voxels; complex ones become their magnitude (recorded) or are refused."""
     if np.iscomplexobj(data):
         if complex_mode != "magnitude":
-            raise ScanError(path, f"complex-valued voxels ({data.dtype}): refused (complex_mode={complex_mode!r})")
+            raise ScanError(
+                path, f"complex-valued voxels ({data.dtype}): refused (complex_mode={complex_mode!r})"
+            )
         message = f"complex-valued voxels ({data.dtype}): read as magnitude |z|"
         if message not in meta_problems:
             meta_problems.append(message)
@@ -94,7 +96,9 @@ def nifti_affine(img, path: Path) -> tuple[np.ndarray, list[str]]:
             affine = np.asarray(qform, dtype=np.float64)
         else:
             affine = np.asarray(img.affine, dtype=np.float64)
-            problems.append("neither sform nor qform is set: geometry is only voxel sizes (orientation unknown)")
+            problems.append(
+                "neither sform nor qform is set: geometry is only voxel sizes (orientation unknown)"
+            )
         unit = img.header.get_xyzt_units()[0]
     except Exception as exc:  # noqa: BLE001 - nibabel fails on corrupt quaternions in many ways
         raise ScanError(path, f"unreadable NIfTI geometry ({type(exc).__name__}: {exc})") from None
@@ -131,11 +135,12 @@ def read_nifti(
 ) -> Volume:
     """Read one 3D volume from a NIfTI file (``index`` picks a volume of a 4D file).
 
-    Refused with a ScanError naming the file: a non-finite or singular affine, a zero-length axis, a volume larger than the voxel limit (checked on the header, before reading: see
-    ``medidiff.io.limits``), NaN/Inf voxels unless ``allow_nonfinite`` (then recorded in
-    ``meta['problems']``). A sheared sform (allowed by the NIfTI standard) is kept and recorded in
-    ``meta['problems']``. Complex voxels are read as their magnitude, recorded in ``meta['complex']``
-    and ``meta['problems']``, unless ``complex_mode='refuse'``. Voxels are never altered otherwise.
+    Refused with a ScanError naming the file: a non-finite or singular affine, a zero-length axis, a volume
+    larger than the voxel limit (checked on the header, before reading: see ``medidiff.io.limits``),
+    NaN/Inf voxels unless ``allow_nonfinite`` (then recorded in ``meta['problems']``). A sheared sform
+    (allowed by the NIfTI standard) is kept and recorded in ``meta['problems']``. Complex voxels are read
+    as their magnitude, recorded in ``meta['complex']`` and ``meta['problems']``, unless
+    ``complex_mode='refuse'``. Voxels are never altered otherwise.
     """
     path = Path(path)
     img = _load_image(path)
@@ -193,7 +198,8 @@ def _nonfinite_counts(data: np.ndarray, shape: tuple[int, ...], n: int) -> np.nd
     """NaN/Inf count of each of the ``n`` 3D volumes in ``data`` (zeros for integer types)."""
     if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating)):
         return np.zeros(n, dtype=int)
-    flat = np.asarray(data).reshape((*shape[:3], n), order="F") if len(shape) > 3 else np.asarray(data).reshape(-1, 1)
+    values = np.asarray(data)
+    flat = values.reshape((*shape[:3], n), order="F") if len(shape) > 3 else values.reshape(-1, 1)
     return flat.size // max(n, 1) - np.count_nonzero(np.isfinite(flat), axis=tuple(range(flat.ndim - 1)))
 
 

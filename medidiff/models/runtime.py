@@ -65,8 +65,12 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        warnings.warn(f"bf16 asked for on {torch.device(device)}, which has no native bf16: it is emulated and "
-                      "slower than fp32 (use --precision fp32 or auto)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"bf16 asked for on {torch.device(device)}, which has no native bf16: it is emulated and "
+            "slower than fp32 (use --precision fp32 or auto)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return precision
 
 
@@ -138,7 +142,8 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the cores
+        # idle threads yield the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

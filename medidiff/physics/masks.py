@@ -47,7 +47,8 @@ def _check(shape: tuple[int, ...], acceleration: float, center_fraction: float) 
         raise ValueError(f"acceleration must be > 1, got {acceleration}")
     if not 0 < center_fraction < 1 / acceleration + 1e-9:
         raise ValueError(
-            f"center_fraction must be in (0, 1/acceleration] = (0, {1 / acceleration:.3f}], got {center_fraction}"
+            f"center_fraction must be in (0, 1/acceleration] = (0, {1 / acceleration:.3f}], "
+            f"got {center_fraction}"
         )
     return int(shape[-2]), int(shape[-1])
 

@@ -129,7 +129,10 @@ def simulate_recon(
     seed: int = 0,
     noise_sigma: float = 0.0,
 ) -> tuple[KSpaceData, Volume]:
-    """(undersampled k-space (S, H, W) or (S, C, H, W) with its mask, reference magnitude Volume (H, W, S))."""
+    """Undersampled k-space and the reference it was made from.
+
+    Returns (k-space (S, H, W) or (S, C, H, W) with its mask, reference magnitude Volume (H, W, S)).
+    """
     k = vol.slice_axis
     a, b = inplane_axes(vol)
     order = (a, b, k)
@@ -149,7 +152,9 @@ def simulate_recon(
         kspace = add_noise(kspace, noise_sigma, seed=seed)
     kspace = apply_mask(kspace, torch.from_numpy(mask.mask))
     meta = {
-        "description": f"simulated {mask_kind} R{mask.acceleration:.2f} {'multi' if coils > 1 else 'single'}coil",
+        "description": (
+            f"simulated {mask_kind} R{mask.acceleration:.2f} {'multi' if coils > 1 else 'single'}coil"
+        ),
         "modality": "MR",
         "simulation": {
             "task": "recon",

@@ -1,4 +1,4 @@
-"""Regression U-Net baseline: trains on a recipe's data (loss falls), round-trips through safetensors, applies."""
+"""Regression U-Net baseline: trains on a recipe's data (loss falls), round-trips via safetensors, applies."""
 
 from __future__ import annotations
 

@@ -139,7 +139,8 @@ def test_data_generators_kspace_downsample_and_rician_known_values():
     assert np.allclose(
         kspace_downsample(np.full((64, 64), 3.0, np.float32), (32, 32), taper=0.7), 3.0, atol=1e-5
     )
-    # A step edge truncated without apodisation rings (Gibbs overshoot about 9 %); strong apodisation does not.
+    # A step edge truncated without apodisation rings (Gibbs overshoot about 9 %); strong apodisation
+    # does not.
     step = (x >= 32).astype(np.float32)[:, :] * 1.0
     fine = np.repeat(np.repeat(step, 2, 0), 2, 1)
     assert kspace_downsample(fine, (64, 64), 0.0).max() > 1.06
@@ -243,7 +244,7 @@ def test_data_generators_iterable_dataset_seeded_per_worker_and_epoch():
     ds = TrainingImageDataset(TrainingImageSource(32, {"synthetic": 1.0}), seed=4, samples_per_epoch=6)
     one = [item["image"] for item in DataLoader(ds, batch_size=None)]
     assert len(one) == 6 and one[0].shape == (1, 32, 32) and one[0].dtype == torch.float32
-    assert all(torch.equal(x, y["image"]) for x, y in zip(one, DataLoader(ds, batch_size=None)))
+    assert all(torch.equal(x, y["image"]) for x, y in zip(one, DataLoader(ds, batch_size=None), strict=True))
     ds.set_epoch(1)
     assert not torch.equal(one[0], next(iter(DataLoader(ds, batch_size=None)))["image"])
     ds.set_epoch(0)

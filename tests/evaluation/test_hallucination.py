@@ -1,4 +1,4 @@
-"""Hallucination flags: a planted texture / blob in the model-filled band is flagged, faithful output is not."""
+"""Hallucination flags: texture / blobs planted in the model-filled band are flagged, faithful output not."""
 
 from __future__ import annotations
 
@@ -92,7 +92,10 @@ def test_planted_texture_is_flagged(scene: dict) -> None:
 
 
 def test_planted_dot_is_flagged_by_small_patches(scene: dict) -> None:
-    """A fake bright dot (0.8 px, tissue-bright) in the model-filled band: diluted in 32 px patches, not in 16."""
+    """A fake bright dot (0.8 px, tissue-bright) in the model-filled band.
+
+    Diluted in 32 px patches, not in 16.
+    """
     out = scene["good"] + _highpass(1.0 * _bump(scene, 130, 150, 0.8))
     fine = flags(out, scene["classical"], task="sr", factor=FACTOR, patch=16, stride=8)
     assert fine[130, 150] and fine.sum() < 400
@@ -100,7 +103,10 @@ def test_planted_dot_is_flagged_by_small_patches(scene: dict) -> None:
 
 
 def test_disagreeing_samples_flag_more_than_one_image(scene: dict) -> None:
-    """K samples that each invent a different texture in one region: the mean hides it, the spread does not."""
+    """K samples that each invent a different texture in one region.
+
+    The mean hides it, the spread does not.
+    """
     rng = scene["rng"]
     samples = np.stack(
         [

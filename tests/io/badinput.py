@@ -56,7 +56,9 @@ def patch_nifti(buf: bytearray, field: str, *values) -> bytearray:
     return buf
 
 
-def dicom_dataset(rows: int = 16, cols: int = 12, *, position=(0.0, 0.0, 0.0), series_uid: str = "") -> Dataset:
+def dicom_dataset(
+    rows: int = 16, cols: int = 12, *, position=(0.0, 0.0, 0.0), series_uid: str = ""
+) -> Dataset:
     """A small valid axial MR slice (explicit VR little endian)."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = MR_STORAGE, generate_uid()
@@ -111,7 +113,8 @@ def kspace_file(path: Path, kspace=None, header: str | bytes | None = None, **at
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=kspace)
         if header is not None:
-            f.create_dataset("ismrmrd_header", data=np.bytes_(header.encode() if isinstance(header, str) else header))
+            header_bytes = header.encode() if isinstance(header, str) else header
+            f.create_dataset("ismrmrd_header", data=np.bytes_(header_bytes))
         for k, v in attrs.items():
             f.attrs[k] = v
     return path

@@ -114,7 +114,9 @@ def dicom_orientation_zero_vector(tmp: Path):
 
 @case
 def dicom_gantry_tilt_shear(tmp: Path):
-    write_series(tmp / "s", edit=lambda ds, k: setattr(ds, "ImagePositionPatient", ["0", f"{k * 1.5}", f"{2 * k}"]))
+    write_series(
+        tmp / "s", edit=lambda ds, k: setattr(ds, "ImagePositionPatient", ["0", f"{k * 1.5}", f"{2 * k}"])
+    )
     return tmp / "s", "stacked at an angle"
 
 
@@ -271,7 +273,9 @@ def nifti_huge_claimed_size(tmp: Path):
 
 @case
 def nifti_absurd_claimed_size(tmp: Path):
-    raw = patch_nifti(nifti_bytes(np.zeros((2, 2, 2), np.float32)), "dim", 4, 32767, 32767, 32767, 32767, 1, 1, 1)
+    raw = patch_nifti(
+        nifti_bytes(np.zeros((2, 2, 2), np.float32)), "dim", 4, 32767, 32767, 32767, 32767, 1, 1, 1
+    )
     (tmp / "a.nii").write_bytes(bytes(raw))
     return tmp / "a.nii", "more than the limit"
 
@@ -358,7 +362,9 @@ def kspace_singular_affine_attribute(tmp: Path):
 @case
 def kspace_huge_chunked_dataset(tmp: Path):
     with h5py.File(tmp / "k.h5", "w") as f:
-        f.create_dataset("kspace", shape=(100_000, 64, 10_000, 10_000), dtype=np.complex64, chunks=(1, 1, 64, 64))
+        f.create_dataset(
+            "kspace", shape=(100_000, 64, 10_000, 10_000), dtype=np.complex64, chunks=(1, 1, 64, 64)
+        )
     return tmp / "k.h5", "MEDIDIFF_MAX_VOXELS"
 
 
@@ -498,7 +504,8 @@ def test_bad_input_is_a_named_problem(name: str, tmp_path: Path) -> None:
     else:
         assert expect != "ok", result
         if expect:
-            assert expect in result.problem or any(expect in p for p in problems), (expect, str(result), problems)
+            named = expect in result.problem or any(expect in p for p in problems)
+            assert named, (expect, str(result), problems)
     assert _digest(tmp_path) == before, "inputs must be left byte-identical"
 
 
@@ -510,7 +517,8 @@ def test_huge_nifti_is_refused_without_allocating(tmp_path: Path) -> None:
     target, _ = CASES["nifti_huge_claimed_size"](tmp_path)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    with pytest.raises(ScanTooLargeError, match=r"declares 2,147,483,648 voxels .*8.59 GB.*--max-voxels") as err:
+    message = r"declares 2,147,483,648 voxels .*8.59 GB.*--max-voxels"
+    with pytest.raises(ScanTooLargeError, match=message) as err:
         read_scan(target)
     assert err.value.voxels == 2048 * 2048 * 512 and err.value.limit == 2**29
     (source,) = list(discover(target))
@@ -532,7 +540,8 @@ def test_voxel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(ScanTooLargeError):
         read_scan(path)
     (source,) = list(discover(path))
-    assert source.kind == "invalid" and "raise it with --max-voxels / MEDIDIFF_MAX_VOXELS" in source.problems[0]
+    assert source.kind == "invalid"
+    assert "raise it with --max-voxels / MEDIDIFF_MAX_VOXELS" in source.problems[0]
     set_max_voxels(1000)
     assert os.environ["MEDIDIFF_MAX_VOXELS"] == "1000" and read_scan(path).shape == (4, 5, 6)
     monkeypatch.setenv("MEDIDIFF_MAX_VOXELS", "lots")

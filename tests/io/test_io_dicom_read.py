@@ -44,7 +44,8 @@ def test_oblique_scrambled_series_matches_dcm2niix(tmp_path: Path) -> None:
     folder = tmp_path / "series"
     truth = write_classic_series(folder, n_slices=9)
     vol = read_scan(folder)
-    # truth, independent of any reader: voxel (i, j, k) sits at origin + i*dc*row + j*dr*col + k*step*normal (LPS)
+    # truth, independent of any reader: voxel (i, j, k) sits at
+    # origin + i*dc*row + j*dr*col + k*step*normal (LPS)
     lps = np.diag([-1, -1, 1, 1]) @ vol.affine
     np.testing.assert_allclose(lps[:3, 0], truth["row"] * truth["spacing"][0], atol=1e-6)
     np.testing.assert_allclose(lps[:3, 1], truth["col"] * truth["spacing"][1], atol=1e-6)
@@ -148,7 +149,10 @@ def test_jpeg_lossless_decodes_identically(tmp_path: Path, syntax_name: str) -> 
 
 
 def test_jpeg_baseline_8bit_decodes_close_to_source(tmp_path: Path) -> None:
-    """JPEG baseline is 8-bit and lossy: an 8-bit copy of MR_small, re-encoded, decodes within a few grey levels."""
+    """JPEG baseline is 8-bit and lossy.
+
+    An 8-bit copy of MR_small, re-encoded, decodes within a few grey levels.
+    """
     import gdcm
 
     ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")

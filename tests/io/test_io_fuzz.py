@@ -32,7 +32,9 @@ from tests.io.badinput import (
 settings.register_profile(
     "short", max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("MEDIDIFF_FUZZ_PROFILE", "short"))
 
 # Small limit so that headers claiming huge sizes are refused instead of allocated.
@@ -71,7 +73,11 @@ def _field_values(field: str):
 nifti_edit = st.sampled_from(sorted(NIFTI_FIELDS)).flatmap(lambda f: st.tuples(st.just(f), _field_values(f)))
 
 
-@given(edits=st.lists(nifti_edit, min_size=1, max_size=4), cut=st.none() | st.integers(0, len(_NIFTI)), zipped=st.booleans())
+@given(
+    edits=st.lists(nifti_edit, min_size=1, max_size=4),
+    cut=st.none() | st.integers(0, len(_NIFTI)),
+    zipped=st.booleans(),
+)
 def test_fuzz_nifti_header_and_truncation(edits, cut, zipped) -> None:
     buf = bytearray(_NIFTI)
     for field, values in edits:
@@ -107,11 +113,15 @@ def test_fuzz_dicom_bytes(flips, cut) -> None:
 
 
 _DICOM_VALUES = {
-    "PixelSpacing": st.lists(st.sampled_from(["0.9", "-1", "0", "nan", "1e308", "abc", ""]), min_size=0, max_size=3),
+    "PixelSpacing": st.lists(
+        st.sampled_from(["0.9", "-1", "0", "nan", "1e308", "abc", ""]), min_size=0, max_size=3
+    ),
     "ImageOrientationPatient": st.lists(
         st.sampled_from(["1", "0", "-1", "0.5", "nan", "inf", "1e-9", "x"]), min_size=0, max_size=7
     ),
-    "ImagePositionPatient": st.lists(st.sampled_from(["0", "-5.5", "nan", "1e300", "q"]), min_size=0, max_size=4),
+    "ImagePositionPatient": st.lists(
+        st.sampled_from(["0", "-5.5", "nan", "1e300", "q"]), min_size=0, max_size=4
+    ),
     "Rows": st.integers(0, 65535),
     "Columns": st.integers(0, 65535),
     "NumberOfFrames": st.sampled_from(["1", "0", "10", "-3", "abc", "4294967295"]),
