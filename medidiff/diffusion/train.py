@@ -280,8 +280,12 @@ def train(
     batch_size = recipe.train.batch_size_gpu if dev.type == "cuda" else recipe.train.batch_size
     use_amp = recipe.train.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    state = _set_up(recipe, dev, rank, init_from, resume)
     ckpt_dir = out_dir / "checkpoint"
+    if resume and not (ckpt_dir / "config.json").is_file():  # nothing yet: start (the same command restarts)
+        if main:
+            print(f"{ckpt_dir}: no checkpoint yet; starting a new run", flush=True)
+        resume = False
+    state = _set_up(recipe, dev, rank, init_from, resume)
     if resume:
         recipe = _resume(state, recipe, ckpt_dir, dev, rank)
     tr = recipe.train

@@ -235,3 +235,16 @@ def test_training_log_has_plain_progress_lines(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert any(ln.startswith("step 5/10 loss ") and ln.endswith("steps/s") for ln in lines), proc.stdout
     assert any("validation psnr gain" in ln for ln in lines)
+
+
+def test_resume_without_a_checkpoint_starts_from_init_weights(tmp_path):
+    """One command for a background run: --resume starts (from --init-from) when nothing was saved yet."""
+    recipe = load_recipe(SMOKE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train(recipe, tmp_path / "src", max_steps=2, tracking_uri=uri, device="cpu", show_progress=False)
+    first = train(recipe, tmp_path / "bg", max_steps=2, tracking_uri=uri, resume=True, device="cpu",
+                  show_progress=False, init_from=tmp_path / "src/model")
+    assert first.step == 2
+    again = train(recipe, tmp_path / "bg", max_steps=3, tracking_uri=uri, resume=True, device="cpu",
+                  show_progress=False, init_from=tmp_path / "src/model")
+    assert again.step == 3 and again.run_id == first.run_id
