@@ -106,3 +106,13 @@ def test_references_are_never_the_held_out_natural_images():
 
     assert names.isdisjoint({n for n, _ in natural_images("ood")})
     assert np.isfinite(s.batch(2, torch.Generator().manual_seed(0))[0].numpy()).all()
+
+
+def test_preview_of_a_recipe_without_mixture_shows_its_fixed_slices():
+    from medidiff.data.pairs import preview_pairs
+
+    pairs, titles = preview_pairs(load_recipe(SMOKE), 2, seed=0)
+    assert len(pairs) == 2 and titles[0].startswith("slices sr")
+    for degraded, reference in pairs:
+        assert degraded.shape == reference.shape == (32, 32)
+        assert not torch.equal(degraded, reference)
