@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medidiff.data.generators import smooth_fields
+from medidiff.data.mixture import TrainingImageSource, check_weights
 from medidiff.data.shipped import real_training_volumes
 from medidiff.data.synth import synth_subject
 from medidiff.io import ScanError, discover
@@ -274,8 +275,6 @@ class MixtureSampler:
     """
 
     def __init__(self, recipe: Recipe) -> None:
-        from medidiff.data.mixture import TrainingImageSource, check_weights
-
         self.recipe = recipe
         try:
             self.weights = check_weights(recipe.data.mixture)
