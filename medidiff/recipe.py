@@ -9,6 +9,7 @@ trains and samples with it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ class DiffusionConfig:
 class DataConfig:
     """Training data: synthetic cohort, shipped real training volumes (never the evaluation set) and the user's
     own scans (every scan ``medidiff.io.discover`` finds under ``folders``; relative paths resolve against the
-    current working directory)."""
+    current working directory) — or, with ``mixture``, pairs made on the fly from the training-image mixture
+    (``medidiff.data.mixture``; the cohort/volume fields then do not apply). Validation always uses the fixed
+    held-out synthetic slices (``val_subjects``, ``val_slices``)."""
 
     synthetic_subjects: int = 8
     real_training: bool = True
@@ -63,6 +66,12 @@ class DataConfig:
     val_subjects: int = 1
     val_slices: int = 4
     seed: int = 0
+    # On-the-fly training images: weights of the sources of medidiff.data.mixture (synthetic, natural, mri).
+    # Empty = the fixed slice pairs above (synthetic subjects, shipped and folder volumes).
+    mixture: dict[str, float] = field(default_factory=dict)
+
+
+MIXTURE_SOURCES = ("synthetic", "natural", "mri")  # the sources medidiff.data.mixture draws from
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,11 @@ def _check_type(value: Any, tp: Any, where: str, src: str, allow_empty: bool = F
         if not isinstance(value, (list, tuple)) or not (value or allow_empty):
             raise RecipeError(f"{src}: {where} must be a {'' if allow_empty else 'non-empty '}list, got {value!r}")
         return tuple(_check_type(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{src}: {where} must be a mapping, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _check_type(v, inner, f"{where}.{k}", src) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{src}: {where} must be true or false, got {value!r}")
@@ -234,9 +248,19 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
         problems.append(f"data.patch_size {da.patch_size} must be a multiple of task.factor {t.factor}")
     if da.synthetic_subjects < 0:
         problems.append(f"data.synthetic_subjects must be >= 0, got {da.synthetic_subjects}")
-    elif da.synthetic_subjects == 0 and not da.real_training and not da.folders:
+    elif da.synthetic_subjects == 0 and not da.real_training and not da.folders and not da.mixture:
         problems.append("data: no training volumes (synthetic_subjects is 0, real_training is false and "
                         "no data.folders are given)")
+    if da.mixture:
+        unknown = sorted(set(da.mixture) - set(MIXTURE_SOURCES))
+        if unknown:
+            problems.append(f"data.mixture: unknown source(s) {unknown} (choose from {list(MIXTURE_SOURCES)})")
+        if any(not math.isfinite(w) or w < 0 for w in da.mixture.values()):
+            problems.append(f"data.mixture weights must be finite and >= 0, got {da.mixture}")
+        elif sum(da.mixture.values()) <= 0:
+            problems.append(f"data.mixture: at least one weight must be > 0, got {da.mixture}")
+        if da.patch_size < 16:
+            problems.append(f"data.patch_size must be >= 16 with data.mixture, got {da.patch_size}")
     if any(not f.strip() for f in da.folders):
         problems.append("data.folders entries must be non-empty paths")
     if tr.steps < 1 or tr.batch_size < 1 or tr.batch_size_gpu < 1:

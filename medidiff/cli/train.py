@@ -23,7 +23,7 @@ def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for checkpoint/ and model/."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Train to this step (default: train.steps of the recipe)."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly: step, weights, optimiser, EMA, RNG."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly: step, weights, optimiser, EMA, RNG (start a new run there, with --init-from if given, when OUT has no checkpoint yet: one command that restarts after a kill)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda."),
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from the weights of this model folder (or a shipped model name such as recon_x4) instead of a random initialisation: fine-tuning."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (and save) after this many minutes of wall time."),

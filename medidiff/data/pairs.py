@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medidiff.data.generators import smooth_fields
+from medidiff.data.mixture import TrainingImageSource, check_weights
 from medidiff.data.shipped import real_training_volumes
 from medidiff.data.synth import synth_subject
 from medidiff.io import ScanError, discover
@@ -229,3 +231,131 @@ def validation_pairs(recipe: Recipe) -> list[SlicePair]:
     """Full held-out slices for validation."""
     pairs = make_pairs(recipe, _validation_volumes(recipe), recipe.data.val_slices, recipe.data.seed + 1)
     return pairs[: recipe.data.val_slices]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On-the-fly pairs from the training-image mixture (recipe ``data.mixture``)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def smooth_phase(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A smooth random phase map (radians): a constant offset plus a slowly varying field of random
+    amplitude, like the B0/B1 phase of a real single-coil image."""
+    length = float(rng.uniform(0.25, 1.0)) * min(shape)
+    field_ = smooth_fields(rng, 1, shape, (length, length))[0]
+    return (rng.uniform(-np.pi, np.pi) + rng.uniform(0.0, np.pi) * field_).astype(np.float32)
+
+
+@dataclass
+class MixturePair:
+    """One on-the-fly training example, normalised by the measurement scale of its degraded image."""
+
+    cond: Tensor  # (Cc, P, P): pinv image (+ neighbours' pinv images for sr_thick)
+    x0: Tensor  # (C, P, P): residual (reference - pinv) or reference, as the recipe's diffusion.target says
+    reference: Tensor  # (P, P) real or complex
+    degraded: Tensor  # (P, P) pinv image, real or complex
+    source: str
+
+
+class MixtureSampler:
+    """Training pairs made on the fly: reference images from :class:`medidiff.data.mixture.TrainingImageSource`
+    (weights ``data.mixture``) degraded with the task's operator and normalised with
+    :func:`medidiff.tasks.measurement_scale` — the same operator and normalisation ``enhance`` uses.
+
+    - ``sr``: k-space truncation of the reference patch.
+    - ``recon``: the magnitude reference gets a smooth random phase; a mask (``task.mask``,
+      ``task.acceleration``, ``task.center_fraction``) is drawn per sample.
+    - ``sr_thick``: the last axis is the through-plane axis (as in the slice stacks of :func:`make_pairs`).
+      With ``model.neighbours = n`` the reference is drawn ``2n`` rows taller and slice ``s`` of the stack is
+      rows ``s .. s+P``: an extruded 3D object whose neighbouring slices are shifted copies of each other.
+
+    Each example draws its own seed from the training loop's ``torch.Generator`` and builds a
+    ``np.random.Generator`` from ``(data.seed, that seed)``, so a batch depends only on the generator state
+    (restored by ``--resume``) and not on which process or worker makes it.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        try:
+            self.weights = check_weights(recipe.data.mixture)
+        except ValueError as exc:
+            raise RecipeError(f"recipe {recipe.name}: data.mixture: {exc}") from exc
+        p, n = recipe.data.patch_size, recipe.model.neighbours
+        extra = 2 * n if recipe.task.kind == "sr_thick" else 0
+        self.source = TrainingImageSource((p + extra, p), self.weights)
+
+    def example(self, rng: np.random.Generator) -> MixturePair:
+        """One (cond, x0) example drawn with ``rng``."""
+        r = self.recipe
+        task, p, cplx = r.task, r.data.patch_size, r.complex_images
+        drawn = self.source.sample(rng)
+        image = np.ascontiguousarray(drawn.image, dtype=np.float32)
+        seed = int(rng.integers(2**31))
+        gen = torch.Generator().manual_seed(seed)
+        if task.kind == "sr_thick":
+            n = r.model.neighbours
+            stack = np.stack([image[s: s + p] for s in range(2 * n + 1)])
+            if rng.random() < 0.5:
+                stack = stack[::-1]
+            x = torch.from_numpy(np.ascontiguousarray(stack))
+            centre, others = n, neighbour_index(2 * n + 1, n, n)
+        else:
+            if cplx:
+                image = image * np.exp(1j * smooth_phase(rng, image.shape)).astype(np.complex64)
+            x = torch.from_numpy(np.ascontiguousarray(image))[None]
+            centre, others = 0, []
+        op = task_operator(task, (p, p), seed=seed)
+        meas = op.A(x.to(torch.complex64) if cplx else x)
+        if task.noise_sigma > 0:
+            meas = add_noise(meas, task.noise_sigma * intensity_scale(x), generator=gen)
+        scale = measurement_scale(task.kind, meas)
+        base = op.pinv(meas) / scale
+        target = x / scale
+        if not cplx:
+            base = base.real if base.is_complex() else base
+        base_c = to_channels(base[centre][None], cplx)[0]
+        cond = torch.cat([base_c, *[to_channels(base[j][None], cplx)[0] for j in others]])
+        tgt = to_channels(target[centre][None], cplx)[0]
+        x0 = tgt - base_c if r.diffusion.target == "residual" else tgt
+        return MixturePair(cond.float(), x0.float(), target[centre], base[centre], drawn.source)
+
+    def examples(self, count: int, generator: torch.Generator) -> list[MixturePair]:
+        """``count`` examples, each seeded from ``generator``."""
+        seeds = torch.randint(0, 2**62, (count,), generator=generator).tolist()
+        return [self.example(np.random.default_rng([self.recipe.data.seed, s])) for s in seeds]
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(cond (B, Cc, P, P), x0 (B, C, P, P))``, as :meth:`PatchSampler.batch`."""
+        ex = self.examples(batch_size, generator)
+        return torch.stack([e.cond for e in ex]), torch.stack([e.x0 for e in ex])
+
+
+def training_sampler(recipe: Recipe) -> tuple[PatchSampler | MixtureSampler, str, int]:
+    """The recipe's training sampler, the fingerprint of its data and the number of fixed training slices
+    (0 for the on-the-fly mixture)."""
+    if recipe.data.mixture:
+        h = hashlib.blake2b(digest_size=12)
+        h.update(repr(recipe.task).encode())
+        h.update(repr(recipe.data).encode())
+        return MixtureSampler(recipe), h.hexdigest(), 0
+    pairs = training_pairs(recipe)
+    return PatchSampler(recipe, pairs), fingerprint(recipe, pairs), len(pairs)
+
+
+def preview_pairs(recipe: Recipe, n: int, seed: int = 0) -> tuple[list[tuple[Tensor, Tensor]], list[str]]:
+    """``n`` (degraded, reference) training examples of a recipe, as its training loop draws them (the
+    on-the-fly mixture, or patches of the fixed slice pairs), and a title for each."""
+    gen = torch.Generator().manual_seed(seed)
+    what = f"{recipe.task.kind} x{recipe.task.factor if recipe.task.kind != 'recon' else recipe.task.acceleration:g}"
+    if recipe.data.mixture:
+        ex = MixtureSampler(recipe).examples(n, gen)
+        return [(e.degraded, e.reference) for e in ex], [f"{e.source} {what}" for e in ex]
+    cond, x0 = PatchSampler(recipe, training_pairs(recipe)).batch(n, gen)
+    c = recipe.image_channels
+    base = cond[:, :c]
+    ref = base + x0 if recipe.diffusion.target == "residual" else x0
+    if recipe.complex_images:
+        base, ref = torch.complex(base[:, 0], base[:, 1]), torch.complex(ref[:, 0], ref[:, 1])
+    else:
+        base, ref = base[:, 0], ref[:, 0]
+    return [(base[i], ref[i]) for i in range(n)], [f"slices {what}"] * n

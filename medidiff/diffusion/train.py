@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medidiff import __version__
-from medidiff.data.pairs import PatchSampler, SlicePair, fingerprint, training_pairs, validation_pairs
+from medidiff.data.pairs import MixtureSampler, PatchSampler, SlicePair, training_sampler, validation_pairs
 from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
 from medidiff.metrics import all_metrics
@@ -215,7 +216,7 @@ def _save(directory: Path, state: _State, recipe: Recipe, info: dict[str, Any],
 
 
 def _train_step(state: _State, model: torch.nn.Module, recipe: Recipe, scheduler: Scheduler,
-                sampler: PatchSampler, batch_size: int, dev: torch.device,
+                sampler: PatchSampler | MixtureSampler, batch_size: int, dev: torch.device,
                 use_amp: bool) -> tuple[float, float]:
     """One optimiser step (warm-up learning rate, bf16 autocast, clipping, EMA); returns (loss, grad norm)."""
     tr = recipe.train
@@ -279,8 +280,12 @@ def train(
     batch_size = recipe.train.batch_size_gpu if dev.type == "cuda" else recipe.train.batch_size
     use_amp = recipe.train.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    state = _set_up(recipe, dev, rank, init_from, resume)
     ckpt_dir = out_dir / "checkpoint"
+    if resume and not (ckpt_dir / "config.json").is_file():  # nothing yet: start (the same command restarts)
+        if main:
+            print(f"{ckpt_dir}: no checkpoint yet; starting a new run", flush=True)
+        resume = False
+    state = _set_up(recipe, dev, rank, init_from, resume)
     if resume:
         recipe = _resume(state, recipe, ckpt_dir, dev, rank)
     tr = recipe.train
@@ -289,9 +294,7 @@ def train(
         ids = [dev.index] if dev.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(state.net, device_ids=ids)
 
-    pairs = training_pairs(recipe)
-    sampler = PatchSampler(recipe, pairs)
-    data_fp = fingerprint(recipe, pairs)
+    sampler, data_fp, n_slices = training_sampler(recipe)
     val_pairs = validation_pairs(recipe) if main else []
     scheduler = make_scheduler(recipe.diffusion)
     if dev.type == "cuda":
@@ -299,7 +302,7 @@ def train(
 
     runtime = {"device": dev.type, "world_size": world, "batch_size": batch_size, "bf16_autocast": use_amp,
                "total_steps": total_steps, "package_version": __version__, "data_fingerprint": data_fp,
-               "train_slices": len(pairs), "parameters": sum(p.numel() for p in state.net.parameters())}
+               "train_slices": n_slices, "parameters": sum(p.numel() for p in state.net.parameters())}
     params = {**recipe.to_dict(), "runtime": runtime}
     ctx = tracking_run("train", run_name=recipe.name, tracking_uri=tracking_uri, params=params,
                        resume_run_id=state.run_id) if main else nullcontext(None)
@@ -311,7 +314,9 @@ def train(
             return {"data_fingerprint": data_fp, "val": val_metrics, "world_size": world, "device": dev.type,
                     "run_id": tracker.run_id, "train_seconds": round(time.perf_counter() - t0, 1)}
 
-        progress, bar = _progress_bar(recipe, total_steps, state.step) if main and show_progress else (None, None)
+        interactive = show_progress and sys.stdout.isatty()
+        progress, bar = _progress_bar(recipe, total_steps, state.step) if main and interactive else (None, None)
+        first_step, t_loop = state.step, time.perf_counter()
         state.net.train()
         losses: list[float] = []
         try:
@@ -325,10 +330,17 @@ def train(
                                         step=step)
                 if progress is not None:
                     progress.update(bar, completed=step, loss=f"{np.mean(losses[-tr.log_every:]):.4f}")
+                elif main and show_progress and step % tr.log_every == 0:  # plain lines for a log file
+                    rate = (step - first_step) / max(time.perf_counter() - t_loop, 1e-9)
+                    print(f"step {step}/{total_steps} loss {np.mean(losses[-tr.log_every:]):.5f} "
+                          f"{rate:.3f} steps/s", flush=True)
                 out_of_time = _out_of_time(recipe, t0, world, dev)
                 last = step == total_steps or out_of_time
                 if main and (step % tr.val_every == 0 or last) and val_pairs:
                     val_metrics, grid = validate(state.ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed)
+                    if show_progress and progress is None:
+                        print(f"step {step} validation psnr gain {val_metrics.get('val/psnr_gain', float('nan')):+.3f} dB",
+                              flush=True)
                     tracker.log_metrics(val_metrics, step=step)
                     if grid is not None:
                         tracker.log_image(grid, f"samples/step_{step:06d}.png")

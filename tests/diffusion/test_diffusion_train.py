@@ -179,3 +179,72 @@ def test_training_on_a_folder_of_user_scans_alone(tmp_path, monkeypatch):
     assert recorded == fingerprint(mine, pairs)  # the folder's slices are what the run trained on
     # a run without the folder records the smoke recipe's fingerprint (computed as train() does, to stay fast)
     assert recorded != fingerprint(smoke, training_pairs(smoke))
+
+
+def _mixture_recipe(kind: str):
+    from medidiff.recipe import with_overrides
+
+    task = {"sr": {"kind": "sr", "factor": 2}, "sr_thick": {"kind": "sr_thick", "factor": 4},
+            "recon": {"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08, "mask": "equispaced"}}[kind]
+    return with_overrides(load_recipe(SMOKE), task=task, model={"neighbours": 1 if kind == "sr_thick" else 0},
+                          data={"mixture": {"synthetic": 0.5, "natural": 0.3, "mri": 0.2}},
+                          train={"val_every": 100, "ckpt_every": 3})
+
+
+@pytest.mark.parametrize("kind", ["sr", "sr_thick", "recon"])
+def test_training_on_the_image_mixture_moves_the_weights(tmp_path, kind):
+    """data.mixture: pairs made on the fly train the network through the real loop, and --resume continues."""
+    recipe = _mixture_recipe(kind)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = train(recipe, tmp_path / "init", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False)
+    assert start.step == 1
+    res = train(recipe, tmp_path / "run", max_steps=5, tracking_uri=uri, device="cpu", show_progress=False)
+    assert res.step == 5 and res.val  # validation stays on the fixed held-out slices
+    w1 = load_file(str(tmp_path / "init/checkpoint/train_state.safetensors"))
+    w5 = load_file(str(tmp_path / "run/checkpoint/train_state.safetensors"))
+    moved = [k for k in w5 if k.startswith("net.") and not torch.equal(w1[k], w5[k])]
+    assert len(moved) > 0.5 * sum(k.startswith("net.") for k in w5)
+    assert all(torch.isfinite(v).all() for k, v in w5.items() if v.is_floating_point())
+    cfg = json.loads((tmp_path / "run/model/config.json").read_text())
+    assert cfg["recipe"]["data"]["mixture"] == {"synthetic": 0.5, "natural": 0.3, "mri": 0.2}
+    resumed = train(recipe, tmp_path / "run", max_steps=7, tracking_uri=uri, resume=True, device="cpu",
+                    show_progress=False)
+    assert resumed.step == 7
+    assert json.loads((tmp_path / "run/checkpoint/config.json").read_text())["step"] == 7
+
+
+def test_mixture_training_is_seeded(tmp_path):
+    recipe = _mixture_recipe("sr")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("a", "b"):
+        train(recipe, tmp_path / name, max_steps=2, tracking_uri=uri, device="cpu", show_progress=False)
+    a = load_file(str(tmp_path / "a/model/model.safetensors"))
+    b = load_file(str(tmp_path / "b/model/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_log_has_plain_progress_lines(tmp_path):
+    """Run in the background with output to a file, training writes readable progress lines."""
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(SMOKE.read_text().replace("data: {", "data: {mixture: {synthetic: 1}, "))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "medidiff", "train", "--config", str(recipe), "--out", str(tmp_path / "run"),
+           "--max-steps", "10", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert any(ln.startswith("step 5/10 loss ") and ln.endswith("steps/s") for ln in lines), proc.stdout
+    assert any("validation psnr gain" in ln for ln in lines)
+
+
+def test_resume_without_a_checkpoint_starts_from_init_weights(tmp_path):
+    """One command for a background run: --resume starts (from --init-from) when nothing was saved yet."""
+    recipe = load_recipe(SMOKE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train(recipe, tmp_path / "src", max_steps=2, tracking_uri=uri, device="cpu", show_progress=False)
+    first = train(recipe, tmp_path / "bg", max_steps=2, tracking_uri=uri, resume=True, device="cpu",
+                  show_progress=False, init_from=tmp_path / "src/model")
+    assert first.step == 2
+    again = train(recipe, tmp_path / "bg", max_steps=3, tracking_uri=uri, resume=True, device="cpu",
+                  show_progress=False, init_from=tmp_path / "src/model")
+    assert again.step == 3 and again.run_id == first.run_id
