@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import selectors
+import signal
 import struct
 import subprocess
 import sys
@@ -35,8 +36,17 @@ def _decoder_child_main() -> None:
     """The decoding child: read length-prefixed pickled sources on stdin, answer pickled results on stdout.
 
     The protocol uses a private copy of stdout; anything a library prints goes to stderr instead.
-    It exits when its parent closes stdin (including when the parent is killed).
+    It exits when its parent closes stdin (including when the parent is killed). Ctrl-C reaches the whole
+    process group: the child ignores SIGINT and leaves the stop to its parent, which closes or kills it.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve()
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent went away mid-answer: nothing to report
+        pass
+
+
+def _serve() -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     requests = sys.stdin.buffer
@@ -124,12 +134,13 @@ class IsolatedDecoder:
         return proc.wait()
 
     def close(self) -> None:
-        """Stop the child process (it exits when its stdin closes)."""
+        """Stop the child process: it exits when its stdin closes (at once when idle); a busy one is
+        terminated after a moment (a stopped batch must not wait for a decode nobody needs)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
                 proc.stdin.close()
-                proc.wait(timeout=10)
+                proc.wait(timeout=2)
             except Exception:  # noqa: BLE001
                 proc.kill()
                 proc.wait()

@@ -58,14 +58,21 @@ def test_manifest_round_trip_and_done_needs_outputs(tmp_path):
     assert not again.is_done("a/x.nii.gz", "f"), "a done scan whose output vanished is redone"
 
 
-def test_stale_temporaries_are_removed_and_outputs_kept(tmp_path):
-    """What a killed batch leaves (io's temporaries, named by io.atomic) goes; outputs and user files stay."""
+def test_stale_temporaries_of_recorded_scans_are_removed_and_nothing_else(tmp_path):
+    """What a killed batch leaves beside the outputs its manifest records goes; everything else stays,
+    even a file carrying the temporary marker in a folder or under a name the manifest does not own."""
     (tmp_path / "s").mkdir()
+    (tmp_path / "user").mkdir()
+    manifest = Manifest(str(tmp_path / "in"), str(tmp_path), {})
+    manifest.writing["s/scan.nii.gz"] = "s/scan"
     keep = [
         tmp_path / "s" / "scan_enhanced.nii.gz",
         tmp_path / "manifest.json",
         tmp_path / "s" / "IM1.dcm",
         tmp_path / "s" / ".hidden.tmp",  # not ours: a user's file is never removed
+        tmp_path / "s" / ".other_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but no recorded scan 'other'
+        tmp_path / "user" / ".scan_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but not a folder we write
+        tmp_path / ".notes.medidiff-tmp-abc",
     ]
     for p in keep:
         p.write_bytes(b"1")
@@ -79,9 +86,18 @@ def test_stale_temporaries_are_removed_and_outputs_kept(tmp_path):
         stale_dir = tmp.with_name(tmp.name + "-copy")
         shutil.copytree(tmp, stale_dir)
         raise KeyboardInterrupt
-    removed = clean_stale_temporaries(tmp_path)
-    assert set(removed) == {stale_file, stale_dir}
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "manifest.json") as tmp:
+        stale_manifest = tmp.with_name(tmp.name + "-copy")
+        shutil.copy(tmp, stale_manifest)
+        raise KeyboardInterrupt
+    removed = clean_stale_temporaries(manifest)
+    assert set(removed) == {stale_file, stale_dir, stale_manifest}
     assert all(p.exists() for p in keep) and not stale_file.exists() and not stale_dir.exists()
+    # a finished scan is owned through its recorded outputs once it leaves 'writing'
+    manifest.record({"key": "s/scan.nii.gz", "status": "done", "outputs": {"enhanced": "s/scan_enhanced.nii.gz"}})
+    assert manifest.writing == {}
+    stale_file.write_bytes(b"1")
+    assert clean_stale_temporaries(manifest) == [stale_file]
 
 
 def test_fingerprint_tracks_content_stat_and_settings(tmp_path):
@@ -148,6 +164,12 @@ def test_out_inside_in_is_refused(tmp_path):
         check_roots(tmp_path / "in", tmp_path / "in")
     with pytest.raises(BatchUsageError, match="does not exist"):
         check_roots(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "out" / "in").mkdir(parents=True)
+    with pytest.raises(BatchUsageError, match="input folder must not be inside the output folder"):
+        check_roots(tmp_path / "out" / "in", tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BatchUsageError, match="is not a folder"):
+        check_roots(tmp_path / "in", tmp_path / "file" / "out")
 
 
 def _medidiff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
