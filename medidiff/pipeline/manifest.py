@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -150,6 +150,17 @@ def _owned_prefixes(manifest: Manifest) -> dict[Path, set[str]]:
     return owned
 
 
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?")
+
+
+def _made_by_atomic(name: str) -> bool:
+    """A temporary name as :mod:`medidiff.io.atomic` makes them: marker, 8 random characters (tempfile's
+    alphabet), then the target's suffix."""
+    if not atomic.is_temporary_name(name):
+        return False
+    return _RANDOM_PART.fullmatch(name.rsplit(atomic.TEMP_MARKER, 1)[1]) is not None
+
+
 def clean_stale_temporaries(manifest: Manifest) -> list[Path]:
     """Remove the temporaries a killed batch of this manifest left under OUT; returns what was removed.
 
@@ -163,7 +174,7 @@ def clean_stale_temporaries(manifest: Manifest) -> list[Path]:
             continue
         for child in folder.iterdir():
             name = child.name
-            if not atomic.is_temporary_name(name) or not any(name.startswith(p) for p in prefixes):
+            if not _made_by_atomic(name) or not any(name.startswith(p) for p in prefixes):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def test_manifest_round_trip_and_done_needs_outputs(tmp_path):
     assert not again.is_done("a/x.nii.gz", "f"), "a done scan whose output vanished is redone"
 
 
+def _copy_name(name: str) -> str:
+    """Another temporary name of the same target (as a second, killed attempt would have made)."""
+    return re.sub(r"(medidiff-tmp-)[a-z0-9_]{8}", r"\1copy0000", name)
+
+
 def test_stale_temporaries_of_recorded_scans_are_removed_and_nothing_else(tmp_path):
     """What a killed batch leaves beside the outputs its manifest records goes; everything else stays,
     even a file carrying the temporary marker in a folder or under a name the manifest does not own."""
@@ -73,21 +79,22 @@ def test_stale_temporaries_of_recorded_scans_are_removed_and_nothing_else(tmp_pa
         tmp_path / "s" / ".other_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but no recorded scan 'other'
         tmp_path / "user" / ".scan_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but not a folder we write
         tmp_path / ".notes.medidiff-tmp-abc",
+        tmp_path / "s" / ".scan_enhanced.nii.gz.medidiff-tmp-mine",  # not a name io.atomic makes
     ]
     for p in keep:
         p.write_bytes(b"1")
     with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "s" / "scan_enhanced.nii.gz") as tmp:
         tmp.write_bytes(b"half")
-        stale_file = tmp.with_name(tmp.name + "-copy")
+        stale_file = tmp.with_name(_copy_name(tmp.name))
         shutil.copy(tmp, stale_file)  # as if the process had been killed before its clean-up ran
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "s" / "scan_enhanced_dicom") as tmp:
         (tmp / "IM00001.dcm").write_bytes(b"1")
-        stale_dir = tmp.with_name(tmp.name + "-copy")
+        stale_dir = tmp.with_name(_copy_name(tmp.name))
         shutil.copytree(tmp, stale_dir)
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "manifest.json") as tmp:
-        stale_manifest = tmp.with_name(tmp.name + "-copy")
+        stale_manifest = tmp.with_name(_copy_name(tmp.name))
         shutil.copy(tmp, stale_manifest)
         raise KeyboardInterrupt
     removed = clean_stale_temporaries(manifest)
