@@ -8,11 +8,8 @@ import typer
 from rich.console import Console
 
 from medidiff.cli.root import app
-from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
-from medidiff.io.limits import set_max_voxels
-from medidiff.pipeline.batch import EXIT_USAGE, BatchStopped, BatchUsageError, run_batch
-from medidiff.pipeline.settings import EnhanceSettings
-from medidiff.review.report import preview_strip, write_report
+
+EXIT_USAGE = 2
 
 EXIT_STATUS_HELP = (
     "Exit status: 0 all scans succeeded; 3 some scans failed (each named with its problem in the summary "
@@ -103,6 +100,12 @@ def enhance(
     ),
 ) -> None:
     """Enhance every scan under IN into OUT."""
+    # heavy modules (torch, MLflow, matplotlib) load only when the command runs: `--help` stays fast
+    from medidiff.io.limits import set_max_voxels
+    from medidiff.pipeline.batch import BatchStopped, BatchUsageError, run_batch
+    from medidiff.pipeline.settings import EnhanceSettings
+    from medidiff.review.report import preview_strip, write_report
+
     console = Console(stderr=True)
     try:
         if max_voxels is not None:
@@ -160,6 +163,9 @@ def enhance(
 
 def _check_factor(factor: int, task: str, models: tuple[str, ...]) -> None:
     """Refuse --factor when the model that would run for the SR task does another factor."""
+    from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
+    from medidiff.pipeline.batch import BatchUsageError
+
     if task not in ("sr", "sr_thick"):
         raise BatchUsageError(f"--factor needs --task sr or --task sr_thick (got --task {task})")
     chosen = weights_dir() / DEFAULT_MODELS[task]

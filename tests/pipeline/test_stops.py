@@ -143,7 +143,7 @@ def test_in_inside_out_is_refused_and_nothing_is_touched(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert "input folder must not be inside the output folder" in proc.stderr
+    assert "input folder must not be inside the output folder" in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stdout + proc.stderr
     assert tree_digest(out) == before
 
@@ -156,7 +156,7 @@ def test_out_under_a_regular_file_is_a_usage_error(tmp_path):
         [sys.executable, "-m", "medidiff", "enhance", str(tmp_path / "in"), "--out", str(tmp_path / "file" / "o")],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and "is not a folder" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is not a folder" in " ".join(proc.stderr.split()), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
