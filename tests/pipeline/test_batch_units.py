@@ -275,3 +275,18 @@ def test_factor_option_is_checked_against_the_model(tmp_path):
     auto = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
                                     "--factor", "2", "--dry-run"])
     assert auto.exit_code == 2 and "--factor needs --task sr" in auto.output
+
+
+def test_model_option_accepts_the_folder_train_out_wrote(tmp_path):
+    """`enhance --model DIR` works with what `train --out DIR` wrote (the checkpoint is DIR/model)."""
+    from medidiff.models.checkpoint import load_model, read_config
+    from tests.pipeline.test_batch_enhance_cli import _smoke_checkpoint
+
+    saved = _smoke_checkpoint(tmp_path / "run", "sr")
+    train_out = tmp_path / "train_out"
+    saved.rename(train_out.mkdir() or train_out / "model")
+    assert read_config(train_out)["recipe"]["task"]["kind"] == "sr"
+    loaded = load_model(train_out)
+    assert loaded.task == "sr" and loaded.path == train_out / "model"
+    with pytest.raises(FileNotFoundError, match="train --out"):
+        read_config(tmp_path)
