@@ -52,5 +52,12 @@ def test_command_help_loads_no_heavy_module(command):
 def test_enhance_help_documents_the_exit_codes():
     out = _probe("enhance", "--help")["out"]
     flat = " ".join(out.split())
-    for text in ("0 all scans succeeded", "3 some scans failed", "2 usage error", "130", "143", "rerun to continue"):
+    for text in (
+        "0 all scans succeeded",
+        "3 some scans failed",
+        "2 usage error",
+        "130",
+        "143",
+        "rerun to continue",
+    ):
         assert text in flat, text

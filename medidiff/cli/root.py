@@ -34,7 +34,7 @@ def _root(
     warnings.formatwarning = _one_line_warning
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings reach a command-line user as one plain line, without Python's source location."""
     return f"warning: {message}\n"
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from medidiff.io.discover import discover
@@ -154,29 +155,58 @@ def plan(
     params = settings.fingerprint_params()
     seen_stems: set[tuple[str, str]] = set()  # one small tuple per scan, not the scan's data
     for source in discover(input_root):
-        source_path = Path(source.path)
-        files = [Path(f) for f in (source.files or [source_path])]
-        fingerprint = input_fingerprint(files, input_root, params)
-        out_dir_rel = output_folder_rel(source_path, input_root)
-        stem = output_stem(source.key)
-        if (out_dir_rel, stem) in seen_stems:  # e.g. scan.nii and scan.nii.gz side by side
-            stem = f"{stem}_{hashlib.sha256(source.key.encode()).hexdigest()[:6]}"
-        seen_stems.add((out_dir_rel, stem))
         try:
-            input_rel = source_path.resolve().relative_to(input_root).as_posix()
-        except ValueError:
-            input_rel = source_path.name
-        job = ScanJob(
-            key=source.key,
-            source=source,
-            input_rel=input_rel,
-            out_dir_rel=out_dir_rel,
-            stem=stem,
-            fingerprint=fingerprint,
-            kind=source.kind,
-        )
-        action = "skip" if not force and manifest.is_done(source.key, fingerprint) else "run"
+            job = _job(source, input_root, params, seen_stems)
+        except Exception as exc:  # noqa: BLE001 - a scan that cannot even be planned fails alone
+            job = _unplannable_job(source, f"{type(exc).__name__}: {exc}", seen_stems)
+        action = "skip" if not force and manifest.is_done(job.key, job.fingerprint) else "run"
         yield PlanItem(job, action)
+
+
+def _job(source: Any, input_root: Path, params: dict[str, Any], seen_stems: set[tuple[str, str]]) -> ScanJob:
+    """The job of one discovered scan: its fingerprint, its output folder and a stem unique in it."""
+    source_path = Path(source.path)
+    files = [Path(f) for f in (source.files or [source_path])]
+    fingerprint = input_fingerprint(files, input_root, params)
+    out_dir_rel = output_folder_rel(source_path, input_root)
+    stem = _unique_stem(source.key, out_dir_rel, seen_stems)
+    try:  # the path as found (a symbolic link is not followed: it may loop or lead out of IN)
+        input_rel = Path(os.path.abspath(source_path)).relative_to(input_root).as_posix()
+    except ValueError:
+        input_rel = source_path.name
+    return ScanJob(
+        key=source.key,
+        source=source,
+        input_rel=input_rel,
+        out_dir_rel=out_dir_rel,
+        stem=stem,
+        fingerprint=fingerprint,
+        kind=source.kind,
+    )
+
+
+def _unique_stem(key: str, out_dir_rel: str, seen_stems: set[tuple[str, str]]) -> str:
+    stem = output_stem(key)
+    if (out_dir_rel, stem) in seen_stems:  # e.g. scan.nii and scan.nii.gz side by side
+        stem = f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+    seen_stems.add((out_dir_rel, stem))
+    return stem
+
+
+def _unplannable_job(source: Any, error: str, seen_stems: set[tuple[str, str]]) -> ScanJob:
+    """A job that fails with ``error`` (its scan could not be planned); it writes nothing."""
+    problems = [*(getattr(source, "problems", None) or []), f"cannot plan this scan ({error})"]
+    key = str(source.key)
+    stand_in = SimpleNamespace(path=str(source.path), key=key, problems=problems, modality="")
+    return ScanJob(
+        key=key,
+        source=stand_in,
+        input_rel=key,
+        out_dir_rel=str(Path(key).parent.as_posix()),
+        stem=_unique_stem(key, str(Path(key).parent.as_posix()), seen_stems),
+        fingerprint="unplannable",
+        kind="invalid",
+    )
 
 
 # ------------------------------------------------------------------------------------------- engines
@@ -521,8 +551,9 @@ def _logged_error(entry: dict[str, Any], log_paths: bool) -> str | None:
     error = entry.get("error")
     if error is None or log_paths:
         return error
-    parts = {entry["key"], str(entry.get("input") or "")}
-    for text in list(parts):
+    names = (entry["key"], str(entry.get("input") or ""))
+    parts = set(names)
+    for text in names:
         parts.update(p for p in Path(text).parts if len(p) > 2)
     for part in sorted((p for p in parts if p), key=len, reverse=True):
         error = error.replace(part, "<scan>")

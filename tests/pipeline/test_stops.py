@@ -69,7 +69,13 @@ def _stop_after_next_scan(cmd: list[str], out: Path, sig: int, cwd: Path) -> tup
     before = _done(out)
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True, text=True
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        text=True,
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and _done(out) <= before:
@@ -115,7 +121,9 @@ def test_sigint_sigterm_kill9_then_rerun_keeps_every_user_file(tmp_path, smoke_s
     proc.kill()
     proc.wait()
 
-    final = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400, check=False)
+    final = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400, check=False
+    )
     log = final.stdout + final.stderr
     assert "Traceback" not in log, log
     manifest = json.loads((out / "manifest.json").read_text())
@@ -126,7 +134,9 @@ def test_sigint_sigterm_kill9_then_rerun_keeps_every_user_file(tmp_path, smoke_s
     assert manifest["writing"] == {}
     assert tree_digest(src) == planted_in, "IN changed"
     after = tree_digest(out)
-    assert {k: v for k, v in after.items() if k in planted_out} == planted_out, "a user file under OUT changed"
+    assert {k: v for k, v in after.items() if k in planted_out} == planted_out, (
+        "a user file under OUT changed"
+    )
     leftovers = [k for k in after if ".medidiff-tmp-" in k and k not in planted_out]
     assert leftovers == [], leftovers
 
