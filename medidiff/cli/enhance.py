@@ -93,7 +93,10 @@ def enhance(
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write OUT/report.html."),
     max_voxels: int | None = typer.Option(
-        None, "--max-voxels", min=1, help="Refuse scans declaring more voxels (default 2**29 or $MEDIDIFF_MAX_VOXELS)."
+        None,
+        "--max-voxels",
+        min=1,
+        help="Refuse scans declaring more voxels (default 2**29, or $MEDIDIFF_MAX_VOXELS).",
     ),
     log_paths: bool = typer.Option(
         False, "--log-paths", help="Log scan keys (paths under IN) to MLflow; by default only their hashes."
