@@ -24,10 +24,10 @@ class DecodeError(RuntimeError):
     """The scan could not be decoded (bad file, codec crash or timeout)."""
 
 
-def _decode_in_child(source: Any) -> tuple[str, Any]:
+def _decode_in_child(source: Any, options: dict[str, Any] | None = None) -> tuple[str, Any]:
     """Runs in the decoding child: load the scan; errors come back as text (exceptions may not pickle)."""
     try:
-        return "ok", source.load()
+        return "ok", source.load(**(options or {}))
     except Exception as exc:  # noqa: BLE001 - reported to the driver as the scan's error
         return "error", f"{type(exc).__name__}: {exc}" if not hasattr(exc, "problem") else str(exc)
 
@@ -55,8 +55,8 @@ def _serve() -> None:
         if len(header) < 8:
             return
         (size,) = struct.unpack("<Q", header)
-        source = pickle.loads(requests.read(size))
-        result = _decode_in_child(source)
+        source, options = pickle.loads(requests.read(size))
+        result = _decode_in_child(source, options)
         try:
             payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001
@@ -101,10 +101,11 @@ class IsolatedDecoder:
                 got += len(chunk)
         return b"".join(chunks)
 
-    def load(self, source: Any) -> Any:
-        """Return ``source.load()`` computed in the child; raise ``DecodeError`` on failure, crash or timeout."""
+    def load(self, source: Any, **options: Any) -> Any:
+        """Return ``source.load(**options)`` computed in the child (e.g. ``allow_nonfinite=True``); raise
+        ``DecodeError`` on failure, crash or timeout."""
         proc = self._start()
-        payload = pickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((source, options), protocol=pickle.HIGHEST_PROTOCOL)
         deadline = time.monotonic() + self.timeout_s
         try:
             proc.stdin.write(struct.pack("<Q", len(payload)) + payload)

@@ -148,7 +148,7 @@ def test_cli_info_missing_path_fails(tmp_path: Path) -> None:
 def test_cli_convert_to_nifti_and_dicom(tmp_path: Path) -> None:
     root = _messy_folder(tmp_path / "in")
     proc = _run("convert", str(root), "--out", str(tmp_path / "nii"), "--to", "nifti", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the broken files are not converted
     assert "Traceback" not in proc.stdout + proc.stderr
     outputs = sorted((tmp_path / "nii").rglob("*.nii.gz"))
     assert len(outputs) == 2

@@ -290,3 +290,23 @@ def test_model_option_accepts_the_folder_train_out_wrote(tmp_path):
     assert loaded.task == "sr" and loaded.path == train_out / "model"
     with pytest.raises(FileNotFoundError, match="train --out"):
         read_config(tmp_path)
+
+
+def test_isolated_decoder_passes_reader_options(tmp_path):
+    """Reader options (allow_nonfinite) reach the decoding child."""
+    import nibabel as nib
+
+    from medidiff.io import discover
+
+    arr = np.ones((4, 5, 6), np.float32)
+    arr[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    (source,) = list(discover(tmp_path / "nan.nii.gz"))
+    decoder = IsolatedDecoder(timeout_s=60)
+    try:
+        with pytest.raises(DecodeError, match="NaN"):
+            decoder.load(source)
+        vol = decoder.load(source, allow_nonfinite=True)
+        assert vol.shape == (4, 5, 6) and np.isnan(vol.array).sum() == 1
+    finally:
+        decoder.close()
