@@ -220,7 +220,7 @@ def tracking_run(kind: str, *, run_name: str | None = None, tracking_uri: str | 
         return
     problem = _reachable(uri)
     if problem is not None:
-        warnings.warn(f"MLflow tracking server {uri} is unreachable ({problem}); training goes on without tracking",
+        warnings.warn(f"MLflow tracking server {uri} is unreachable ({problem}); medidiff {kind} goes on without tracking",
                       stacklevel=3)
         yield Tracker()
         return
@@ -256,8 +256,11 @@ def tracking_run(kind: str, *, run_name: str | None = None, tracking_uri: str | 
             tracker.log_params(params)
         tracker.set_tags({"medidiff.kind": kind, **(tags or {})})
         yield tracker
-    except BaseException:
+    except Exception:
         status = "FAILED"
+        raise
+    except BaseException:  # Ctrl-C / SIGTERM: the job was stopped, not broken
+        status = "KILLED"
         raise
     finally:
         with contextlib.suppress(Exception):

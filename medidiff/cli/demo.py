@@ -20,13 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from medidiff.cli.root import app
-from medidiff.data.shipped import mni_t1, real_evaluation_volumes
-from medidiff.io import Volume, atomic, read_nifti, write_dicom_series, write_kspace, write_nifti
-from medidiff.metrics import psnr, ssim
-from medidiff.physics.simulate import simulate_recon, simulate_sr
-from medidiff.pipeline.batch import run_batch
-from medidiff.pipeline.settings import EnhanceSettings
-from medidiff.review.report import preview_strip, write_report
+
+DEMO_MARK = ".medidiff-demo"
+"""File that marks a folder as a demo folder: only such a folder's input/, output/, reference/ are ever removed."""
 
 DEMO_SEED = 20261126
 
@@ -55,6 +51,10 @@ def build_demo_inputs(root: Path, *, seed: int = DEMO_SEED) -> list[dict[str, st
     Returns one record per case: its input path (relative to the input folder), its reference NIfTI and
     what was simulated.
     """
+    from medidiff.data.shipped import mni_t1, real_evaluation_volumes
+    from medidiff.io import Volume, write_dicom_series, write_kspace, write_nifti
+    from medidiff.physics.simulate import simulate_recon, simulate_sr
+
     inp, ref = root / "input", root / "reference"
     cases: list[dict[str, str]] = []
     held_out = real_evaluation_volumes()
@@ -125,6 +125,9 @@ def build_demo_inputs(root: Path, *, seed: int = DEMO_SEED) -> list[dict[str, st
 
 def demo_metrics(root: Path, cases: list[dict[str, str]], manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """PSNR/SSIM of the 'before' (baseline) and the enhanced image against each case's reference."""
+    from medidiff.io import read_nifti
+    from medidiff.metrics import psnr, ssim
+
     rows = []
     by_input = {e["input"]: e for e in manifest["scans"].values()}
     for case in cases:
@@ -169,9 +172,19 @@ def demo(
     ),
 ) -> None:
     """Simulate, enhance, report."""
+    from medidiff.io import atomic
+    from medidiff.pipeline.batch import BatchStopped, BatchUsageError, run_batch
+    from medidiff.pipeline.settings import EnhanceSettings
+    from medidiff.review.report import preview_strip, write_report
+
     console = Console(stderr=True)
     out = out.resolve()
     cases_file = out / "reference" / "cases.json"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DEMO_MARK).exists() and not cases_file.exists())):
+        console.print(f"[red]error:[/red] {out}: not a demo folder (it holds other files); choose a new folder")
+        raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).touch()
     if fresh:
         for sub in ("input", "output", "reference"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -183,16 +196,23 @@ def demo(
     cases = json.loads(cases_file.read_text())
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     settings = EnhanceSettings(samples=samples, steps=steps, seed=0)
-    summary = run_batch(
-        out / "input",
-        out / "output",
-        settings,
-        engine=engine,
-        tracking_uri=uri,
-        console=console,
-        report=write_report,
-        preview=preview_strip,
-    )
+    try:
+        summary = run_batch(
+            out / "input",
+            out / "output",
+            settings,
+            engine=engine,
+            tracking_uri=uri,
+            console=console,
+            report=write_report,
+            preview=preview_strip,
+        )
+    except BatchUsageError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except BatchStopped as stop:
+        console.print(str(stop), markup=False)
+        raise typer.Exit(stop.exit_code) from None
     manifest = json.loads((out / "output" / "manifest.json").read_text())
     rows = demo_metrics(out, cases, manifest)
 

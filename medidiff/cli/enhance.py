@@ -8,13 +8,14 @@ import typer
 from rich.console import Console
 
 from medidiff.cli.root import app
-from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
-from medidiff.pipeline.batch import EXIT_USAGE, BatchUsageError, run_batch
-from medidiff.pipeline.settings import EnhanceSettings
-from medidiff.review.report import preview_strip, write_report
+
+EXIT_USAGE = 2
 
 EXIT_STATUS_HELP = (
-    "Exit status: 0 all scans succeeded; 3 some scans failed (see the manifest); 2 usage error."
+    "Exit status: 0 all scans succeeded; 3 some scans failed (each named with its problem in the summary "
+    "and OUT/manifest.json); 2 usage error; 130 stopped by Ctrl-C (SIGINT); 143 stopped by SIGTERM. "
+    "A stopped batch finishes or discards the file being written and prints "
+    "'stopped; N done, M pending; rerun to continue'."
 )
 
 
@@ -91,10 +92,27 @@ def enhance(
         help="Seconds allowed to decode one scan (in an isolated process).",
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write OUT/report.html."),
+    max_voxels: int | None = typer.Option(
+        None,
+        "--max-voxels",
+        min=1,
+        help="Refuse scans declaring more voxels (default 2**29, or $MEDIDIFF_MAX_VOXELS).",
+    ),
+    log_paths: bool = typer.Option(
+        False, "--log-paths", help="Log scan keys (paths under IN) to MLflow; by default only their hashes."
+    ),
 ) -> None:
     """Enhance every scan under IN into OUT."""
+    # heavy modules (torch, MLflow, matplotlib) load only when the command runs: `--help` stays fast
+    from medidiff.io.limits import set_max_voxels
+    from medidiff.pipeline.batch import BatchStopped, BatchUsageError, run_batch
+    from medidiff.pipeline.settings import EnhanceSettings
+    from medidiff.review.report import preview_strip, write_report
+
     console = Console(stderr=True)
     try:
+        if max_voxels is not None:
+            set_max_voxels(max_voxels)
         settings = EnhanceSettings(
             task=task,
             fmt=fmt,
@@ -129,12 +147,16 @@ def enhance(
             threads=threads,
             device=device,
             console=console,
+            log_paths=log_paths,
             report=None if no_report else write_report,
             preview=preview_strip,
         )
     except BatchUsageError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
+    except BatchStopped as stop:
+        console.print(str(stop), markup=False)
+        raise typer.Exit(stop.exit_code) from None
     if not dry_run:
         console.print(f"manifest: {summary.manifest}")
         if summary.report:
@@ -144,6 +166,9 @@ def enhance(
 
 def _check_factor(factor: int, task: str, models: tuple[str, ...]) -> None:
     """Refuse --factor when the model that would run for the SR task does another factor."""
+    from medidiff.models import DEFAULT_MODELS, read_config, weights_dir
+    from medidiff.pipeline.batch import BatchUsageError
+
     if task not in ("sr", "sr_thick"):
         raise BatchUsageError(f"--factor needs --task sr or --task sr_thick (got --task {task})")
     chosen = weights_dir() / DEFAULT_MODELS[task]

@@ -11,8 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from medidiff.cli.root import app
-from medidiff.io.discover import discover
-from medidiff.io.errors import ScanError
 
 
 @app.command("info")
@@ -26,15 +24,24 @@ def info(
             "shape, spacing, affine (4x4, RAS mm), modality, description, n_files, problems.",
         ),
     ] = False,
+    max_voxels: Annotated[
+        int | None,
+        typer.Option("--max-voxels", min=1, help="Report scans declaring more voxels as too large "
+                     "(default 2**29 or $MEDIDIFF_MAX_VOXELS)."),
+    ] = None,
 ) -> None:
     """List the scans found under PATH: kind, shape, spacing, RAS affine, modality, description, file count
     and problems. Broken files are listed with their problem; the exit code is 0 whenever PATH could be
     scanned, 2 when it does not exist."""
+    from medidiff.io import ScanError, discover, set_max_voxels
+
+    if max_voxels is not None:
+        set_max_voxels(max_voxels)
     if not path.exists():
         typer.echo(f"error: {path}: path does not exist", err=True)
         raise typer.Exit(2)
     try:
-        rows = [source.info() for source in discover(path)]
+        rows = [_info(source) for source in discover(path)]
     except ScanError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -62,6 +69,16 @@ def info(
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
+
+
+def _info(source) -> dict:
+    """The source's info row; a failure of one scan becomes that scan's problem, never the listing's."""
+    try:
+        return source.info()
+    except (Exception, MemoryError) as exc:  # noqa: BLE001
+        return {"path": str(source.path), "kind": "invalid", "shape": None, "spacing": None, "affine": None,
+                "modality": None, "description": "", "n_files": len(getattr(source, "files", None) or [1]),
+                "problems": [f"{type(exc).__name__}: {exc}"]}
 
 
 def _short(p: str, root: Path) -> str:

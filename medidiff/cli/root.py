@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from medidiff import __version__
@@ -29,6 +31,12 @@ def _root(
     ),
 ) -> None:
     """medidiff command line."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings reach a command-line user as one plain line, without Python's source location."""
+    return f"warning: {message}\n"
 
 
 def main() -> None:

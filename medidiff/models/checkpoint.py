@@ -81,11 +81,26 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, 
     return directory
 
 
+TRAIN_MODEL_SUBDIR = "model"
+"""Where ``medidiff train --out DIR`` puts the checkpoint: ``DIR/model``."""
+
+
+def model_dir(directory: str | Path) -> Path:
+    """The checkpoint folder of ``directory``: itself, or its ``model/`` when it is a ``train --out`` folder."""
+    path = Path(directory)
+    if not (path / CONFIG_FILE).is_file() and (path / TRAIN_MODEL_SUBDIR / CONFIG_FILE).is_file():
+        return path / TRAIN_MODEL_SUBDIR
+    return path
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """The config.json of a checkpoint, with a clear error when it is missing or broken."""
-    path = Path(directory) / CONFIG_FILE
+    """The config.json of a checkpoint (or of a ``train --out`` folder's ``model/``), with a clear error
+    when it is missing or broken."""
+    path = model_dir(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (not a medidiff model folder)")
+        raise FileNotFoundError(
+            f"{path}: no {CONFIG_FILE} (not a medidiff model folder, nor a `medidiff train --out` folder)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -93,10 +108,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_model(dir_or_name: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model folder (or a shipped model's name such as ``sr_x2``) from safetensors + config.json."""
+    """Load a model folder (a ``train --out`` folder, or a shipped model's name such as ``sr_x2``) from
+    safetensors + config.json."""
     from safetensors.torch import load_file
 
-    path = Path(dir_or_name)
+    path = model_dir(dir_or_name)
     if not path.exists() and str(dir_or_name) in DEFAULT_MODELS.values():
         path = weights_dir() / str(dir_or_name)
     config = read_config(path)

@@ -1,7 +1,8 @@
 """The main job: enhance every scan under a folder — discover → plan → run → manifest, report, MLflow.
 
 Resumable (a manifest rewritten atomically after every scan; done scans are skipped by fingerprint),
-atomic (every output is renamed into place; stale temporaries are removed on start), isolated (a broken
+atomic (every output is renamed into place; on start, the temporaries a killed run of this manifest left
+beside its recorded outputs are removed, nothing else), isolated (a broken
 scan is recorded and the batch goes on) and tracked (one MLflow run per batch, no patient data).
 The driver alone writes the manifest and talks to MLflow, whichever engine runs the scans.
 """
@@ -11,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from medidiff.io.discover import discover
@@ -39,8 +44,47 @@ EXIT_SOME_FAILED = 3
 MAX_LOGGED_FIGURES = 4
 
 
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+
 class BatchUsageError(ValueError):
     """The batch cannot start (bad folders, OUT inside IN, unreadable manifest)."""
+
+
+class BatchStopped(Exception):
+    """The batch was stopped by SIGINT or SIGTERM; what was finished is recorded, a rerun continues."""
+
+    def __init__(self, signum: int, done: int = 0, pending: int = 0) -> None:
+        super().__init__(f"stopped; {done} done, {pending} pending; rerun to continue")
+        self.signum, self.done, self.pending = signum, done, pending
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (like KeyboardInterrupt for SIGINT): unwinds atomic writes."""
+
+
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """Turn SIGTERM into ``_Terminated`` and make SIGINT raise KeyboardInterrupt while the batch runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 @dataclass
@@ -58,6 +102,8 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    planned: int = 0
+    """Scans found so far that this invocation set out to run."""
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     run_id: str | None = None
@@ -87,8 +133,17 @@ def check_roots(input_root: Path, output_root: Path) -> tuple[Path, Path]:
         raise BatchUsageError(
             f"{output_root}: output folder must not be inside the input folder {input_root}"
         )
-    if output_root.exists() and not output_root.is_dir():
-        raise BatchUsageError(f"{output_root}: output exists and is not a folder")
+    if out_res in in_res.parents:  # OUT's clean-up and outputs would share folders with the scans
+        raise BatchUsageError(
+            f"{input_root}: input folder must not be inside the output folder {output_root}"
+        )
+    for parent in (out_res, *out_res.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise BatchUsageError(
+                    f"{output_root}: cannot create the output folder, {parent} is not a folder"
+                )
+            break
     return in_res, out_res
 
 
@@ -100,29 +155,58 @@ def plan(
     params = settings.fingerprint_params()
     seen_stems: set[tuple[str, str]] = set()  # one small tuple per scan, not the scan's data
     for source in discover(input_root):
-        source_path = Path(source.path)
-        files = [Path(f) for f in (source.files or [source_path])]
-        fingerprint = input_fingerprint(files, input_root, params)
-        out_dir_rel = output_folder_rel(source_path, input_root)
-        stem = output_stem(source.key)
-        if (out_dir_rel, stem) in seen_stems:  # e.g. scan.nii and scan.nii.gz side by side
-            stem = f"{stem}_{hashlib.sha256(source.key.encode()).hexdigest()[:6]}"
-        seen_stems.add((out_dir_rel, stem))
         try:
-            input_rel = source_path.resolve().relative_to(input_root).as_posix()
-        except ValueError:
-            input_rel = source_path.name
-        job = ScanJob(
-            key=source.key,
-            source=source,
-            input_rel=input_rel,
-            out_dir_rel=out_dir_rel,
-            stem=stem,
-            fingerprint=fingerprint,
-            kind=source.kind,
-        )
-        action = "skip" if not force and manifest.is_done(source.key, fingerprint) else "run"
+            job = _job(source, input_root, params, seen_stems)
+        except Exception as exc:  # noqa: BLE001 - a scan that cannot even be planned fails alone
+            job = _unplannable_job(source, f"{type(exc).__name__}: {exc}", seen_stems)
+        action = "skip" if not force and manifest.is_done(job.key, job.fingerprint) else "run"
         yield PlanItem(job, action)
+
+
+def _job(source: Any, input_root: Path, params: dict[str, Any], seen_stems: set[tuple[str, str]]) -> ScanJob:
+    """The job of one discovered scan: its fingerprint, its output folder and a stem unique in it."""
+    source_path = Path(source.path)
+    files = [Path(f) for f in (source.files or [source_path])]
+    fingerprint = input_fingerprint(files, input_root, params)
+    out_dir_rel = output_folder_rel(source_path, input_root)
+    stem = _unique_stem(source.key, out_dir_rel, seen_stems)
+    try:  # the path as found (a symbolic link is not followed: it may loop or lead out of IN)
+        input_rel = Path(os.path.abspath(source_path)).relative_to(input_root).as_posix()
+    except ValueError:
+        input_rel = source_path.name
+    return ScanJob(
+        key=source.key,
+        source=source,
+        input_rel=input_rel,
+        out_dir_rel=out_dir_rel,
+        stem=stem,
+        fingerprint=fingerprint,
+        kind=source.kind,
+    )
+
+
+def _unique_stem(key: str, out_dir_rel: str, seen_stems: set[tuple[str, str]]) -> str:
+    stem = output_stem(key)
+    if (out_dir_rel, stem) in seen_stems:  # e.g. scan.nii and scan.nii.gz side by side
+        stem = f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+    seen_stems.add((out_dir_rel, stem))
+    return stem
+
+
+def _unplannable_job(source: Any, error: str, seen_stems: set[tuple[str, str]]) -> ScanJob:
+    """A job that fails with ``error`` (its scan could not be planned); it writes nothing."""
+    problems = [*(getattr(source, "problems", None) or []), f"cannot plan this scan ({error})"]
+    key = str(source.key)
+    stand_in = SimpleNamespace(path=str(source.path), key=key, problems=problems, modality="")
+    return ScanJob(
+        key=key,
+        source=stand_in,
+        input_rel=key,
+        out_dir_rel=str(Path(key).parent.as_posix()),
+        stem=_unique_stem(key, str(Path(key).parent.as_posix()), seen_stems),
+        fingerprint="unplannable",
+        kind="invalid",
+    )
 
 
 # ------------------------------------------------------------------------------------------- engines
@@ -223,10 +307,13 @@ def run_batch(
     console: Any = None,
     report: ReportWriter | None = None,
     preview: PreviewMaker | None = None,
+    log_paths: bool = False,
 ) -> BatchSummary:
     """Enhance every scan under ``input_root`` into ``output_root``; see the module docstring.
 
-    ``report`` writes the batch's report at the end (none without it); ``preview`` makes the figures
+    Scan keys are paths under IN, and folder names may be patients' names: MLflow (often a shared server)
+    gets only hashes of them (:func:`scan_hash`) unless ``log_paths``; then it also gets the manifest and
+    the report. ``report`` writes the batch's report at the end (none without it); ``preview`` makes the figures
     logged to MLflow for the first finished scans (none without it).
     """
     from rich.console import Console
@@ -243,34 +330,55 @@ def run_batch(
         return summary
     output_root.mkdir(parents=True, exist_ok=True)
     lock = _lock_output(output_root)
+    manifest: Manifest | None = None
+    summary = BatchSummary()
     try:
-        stale = clean_stale_temporaries(output_root)
-        if stale:
-            console.print(f"removed {len(stale)} temporary file(s) left by an interrupted run")
-        manifest = _load_manifest(input_root, output_root, params)
-        summary = BatchSummary(manifest=manifest.path)
-        items = plan(input_root, manifest, settings, force=force)  # lazy: discovery streams with the run
-        _run_tracked(
-            items,
-            manifest,
-            summary,
-            settings,
-            params,
-            engine,
-            address,
-            num_workers,
-            threads,
-            device,
-            tracking_uri,
-            report,
-            preview,
-            console,
-            t0,
-        )
+        with _stop_signals():
+            try:
+                manifest = _load_manifest(input_root, output_root, params)
+                stale = clean_stale_temporaries(manifest)
+                if stale:
+                    console.print(f"removed {len(stale)} temporary file(s) left by an interrupted run")
+                summary.manifest = manifest.path
+                items = plan(input_root, manifest, settings, force=force)  # lazy: discovery streams with the run
+                _run_tracked(
+                    items,
+                    manifest,
+                    summary,
+                    settings,
+                    params,
+                    engine,
+                    address,
+                    num_workers,
+                    threads,
+                    device,
+                    tracking_uri,
+                    report,
+                    preview,
+                    console,
+                    t0,
+                    log_paths,
+                )
+            except (KeyboardInterrupt, _Terminated) as exc:
+                signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+                raise _stopped(signum, manifest, summary) from None
     finally:
         os.close(lock)
     _print_summary(console, summary)
     return summary
+
+
+def _stopped(signum: int, manifest: Manifest | None, summary: BatchSummary) -> BatchStopped:
+    """Record what a stopped batch finished (the manifest is saved after every scan) and count the rest."""
+    with _stop_signals():  # a second Ctrl-C while saving must not leave a half-written manifest
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if manifest is not None:
+            with suppress(Exception):
+                manifest.save()
+    done = manifest.counts().get("done", 0) if manifest is not None else 0
+    pending = max(0, summary.planned - summary.done - summary.failed)
+    return BatchStopped(int(signum), done, pending)
 
 
 def _load_manifest(input_root: Path, output_root: Path, params: dict[str, Any]) -> Manifest:
@@ -298,6 +406,7 @@ def _run_tracked(
     preview: PreviewMaker | None,
     console: Any,
     t0: float,
+    log_paths: bool = False,
 ) -> None:
     """One MLflow run around the engine's work, then the manifest, the report and the batch's records."""
     input_root, output_root = Path(manifest.input_root), Path(manifest.output_root)
@@ -327,7 +436,7 @@ def _run_tracked(
             return eng
 
         try:
-            _run_jobs(start_engine, items, manifest, summary, console, tracker, output_root, preview)
+            _run_jobs(start_engine, items, manifest, summary, console, tracker, output_root, preview, log_paths)
             identity = engines[0].model_identity() if engines else {}
         finally:
             for eng in engines:
@@ -341,7 +450,7 @@ def _run_tracked(
         manifest.save()
         if report is not None:
             summary.report = report(output_root, manifest.to_dict())
-        _log_batch(tracker, manifest, summary, identity, output_root)
+        _log_batch(tracker, manifest, summary, identity, log_paths)
 
 
 def _lock_output(output_root: Path) -> int:
@@ -366,6 +475,7 @@ def _run_jobs(
     tracker: Any,
     output_root: Path,
     preview: PreviewMaker | None,
+    log_paths: bool = False,
 ) -> None:
     """Drive the engine with an overall and a per-scan progress bar; record each result as it arrives.
 
@@ -385,6 +495,9 @@ def _run_jobs(
                     summary.skipped += 1
                     continue
                 progress.update(overall, total=(progress.tasks[overall].total or 0) + 1)
+                summary.planned += 1
+                manifest.writing[item.job.key] = f"{item.job.out_dir_rel}/{item.job.stem}"
+                manifest.save()  # before any output of it exists: its temporaries are known to be ours
                 yield item.job
 
         def on_start(job: ScanJob) -> None:
@@ -408,7 +521,7 @@ def _run_jobs(
             if entry["status"] == "done":
                 summary.done += 1
                 if preview is not None and summary.done <= MAX_LOGGED_FIGURES:
-                    _log_figure(tracker, output_root, entry, preview)
+                    _log_figure(tracker, output_root, entry, preview, log_paths)
             else:
                 summary.failed += 1
                 summary.failures.append((entry["key"], entry.get("error") or "unknown error"))
@@ -424,30 +537,57 @@ def _run_jobs(
         progress.update(overall, description=f"all scans ({summary.skipped} already done)")
 
 
-def _log_figure(tracker: Any, output_root: Path, entry: dict[str, Any], preview: PreviewMaker) -> None:
+def scan_hash(key: str) -> str:
+    """The name a scan goes to MLflow under: a hash of its key (a path that may hold a patient's name)."""
+    return "scan-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _logged_key(entry: dict[str, Any], log_paths: bool) -> str:
+    return entry["key"] if log_paths else scan_hash(entry["key"])
+
+
+def _logged_error(entry: dict[str, Any], log_paths: bool) -> str | None:
+    """The scan's error message for MLflow: without ``log_paths``, every part of its path is hidden."""
+    error = entry.get("error")
+    if error is None or log_paths:
+        return error
+    names = (entry["key"], str(entry.get("input") or ""))
+    parts = set(names)
+    for text in names:
+        parts.update(p for p in Path(text).parts if len(p) > 2)
+    for part in sorted((p for p in parts if p), key=len, reverse=True):
+        error = error.replace(part, "<scan>")
+    return error
+
+
+def _log_figure(
+    tracker: Any, output_root: Path, entry: dict[str, Any], preview: PreviewMaker, log_paths: bool = False
+) -> None:
     """Log one preview (e.g. a before/after/difference/uncertainty strip) of a finished scan."""
+    name = _logged_key(entry, log_paths)
     try:
         strip = preview(output_root, entry)
         if strip is not None:
-            safe = entry["key"].replace("/", "__")[-80:]
+            safe = name.replace("/", "__")[-80:]
             tracker.log_image(strip, f"figures/{safe}.png")
     except Exception as exc:  # noqa: BLE001 - a figure must never fail the batch
-        tracker.log_text(f"figure for {entry['key']} failed: {type(exc).__name__}", "figures/errors.txt")
+        tracker.log_text(f"figure for {name} failed: {type(exc).__name__}", "figures/errors.txt")
 
 
 def _log_batch(
-    tracker: Any, manifest: Manifest, summary: BatchSummary, identity: dict[str, str], output_root: Path
+    tracker: Any, manifest: Manifest, summary: BatchSummary, identity: dict[str, str], log_paths: bool = False
 ) -> None:
-    """Per-scan metrics table, counts, timings, model identity, manifest and report (no patient data)."""
+    """Per-scan metrics table, counts, timings and model identity; with ``log_paths`` also the manifest
+    and the report (they name scans by path). Without it scans appear only as :func:`scan_hash`."""
     rows = []
     for entry in manifest.scans.values():
         row = {
-            "key": entry["key"],
+            "key": _logged_key(entry, log_paths),
             "kind": entry.get("kind"),
             "task": entry.get("task"),
             "status": entry.get("status"),
             "seconds": entry.get("seconds"),
-            "error": entry.get("error"),
+            "error": _logged_error(entry, log_paths),
         }
         row.update(dict((entry.get("metrics") or {}).items()))
         rows.append(row)
@@ -465,9 +605,10 @@ def _log_batch(
             "scans_per_minute": summary.scans_per_minute,
         }
     )
-    tracker.log_artifact(manifest.path)
-    if summary.report is not None:
-        tracker.log_artifact(summary.report)
+    if log_paths:
+        tracker.log_artifact(manifest.path)
+        if summary.report is not None:
+            tracker.log_artifact(summary.report)
 
 
 # ------------------------------------------------------------------------------------------- printing

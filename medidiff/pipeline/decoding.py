@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import selectors
+import signal
 import struct
 import subprocess
 import sys
@@ -23,10 +24,10 @@ class DecodeError(RuntimeError):
     """The scan could not be decoded (bad file, codec crash or timeout)."""
 
 
-def _decode_in_child(source: Any) -> tuple[str, Any]:
+def _decode_in_child(source: Any, options: dict[str, Any] | None = None) -> tuple[str, Any]:
     """Runs in the decoding child: load the scan; errors come back as text (exceptions may not pickle)."""
     try:
-        return "ok", source.load()
+        return "ok", source.load(**(options or {}))
     except Exception as exc:  # noqa: BLE001 - reported to the driver as the scan's error
         return "error", f"{type(exc).__name__}: {exc}" if not hasattr(exc, "problem") else str(exc)
 
@@ -35,8 +36,17 @@ def _decoder_child_main() -> None:
     """The decoding child: read length-prefixed pickled sources on stdin, answer pickled results on stdout.
 
     The protocol uses a private copy of stdout; anything a library prints goes to stderr instead.
-    It exits when its parent closes stdin (including when the parent is killed).
+    It exits when its parent closes stdin (including when the parent is killed). Ctrl-C reaches the whole
+    process group: the child ignores SIGINT and leaves the stop to its parent, which closes or kills it.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve()
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent went away mid-answer: nothing to report
+        pass
+
+
+def _serve() -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     requests = sys.stdin.buffer
@@ -45,8 +55,8 @@ def _decoder_child_main() -> None:
         if len(header) < 8:
             return
         (size,) = struct.unpack("<Q", header)
-        source = pickle.loads(requests.read(size))
-        result = _decode_in_child(source)
+        source, options = pickle.loads(requests.read(size))
+        result = _decode_in_child(source, options)
         try:
             payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001
@@ -91,10 +101,11 @@ class IsolatedDecoder:
                 got += len(chunk)
         return b"".join(chunks)
 
-    def load(self, source: Any) -> Any:
-        """Return ``source.load()`` computed in the child; raise ``DecodeError`` on failure, crash or timeout."""
+    def load(self, source: Any, **options: Any) -> Any:
+        """Return ``source.load(**options)`` computed in the child (e.g. ``allow_nonfinite=True``); raise
+        ``DecodeError`` on failure, crash or timeout."""
         proc = self._start()
-        payload = pickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps((source, options), protocol=pickle.HIGHEST_PROTOCOL)
         deadline = time.monotonic() + self.timeout_s
         try:
             proc.stdin.write(struct.pack("<Q", len(payload)) + payload)
@@ -124,12 +135,13 @@ class IsolatedDecoder:
         return proc.wait()
 
     def close(self) -> None:
-        """Stop the child process (it exits when its stdin closes)."""
+        """Stop the child process: it exits when its stdin closes (at once when idle); a busy one is
+        terminated after a moment (a stopped batch must not wait for a decode nobody needs)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
                 proc.stdin.close()
-                proc.wait(timeout=10)
+                proc.wait(timeout=2)
             except Exception:  # noqa: BLE001
                 proc.kill()
                 proc.wait()

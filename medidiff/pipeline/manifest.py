@@ -5,17 +5,23 @@ Schema (docs/interfaces.md)::
     {"version": 1, "input_root": str, "output_root": str, "params": {...},
      "scans": {key: {"key", "input", "kind", "task", "status": "done"|"failed", "fingerprint",
                      "outputs": {"enhanced", "uncertainty", "residual", "baseline", "dicom"},
-                     "metrics": {...}, "seconds": float, "error": str|None}}}
+                     "metrics": {...}, "seconds": float, "error": str|None}},
+     "writing": {key: "<output folder>/<stem>"}}   # scans started, not yet recorded
 
-Keys are anonymous scan keys (paths relative to the input root), never patient data. Only the batch
-driver writes this file.
+Scans are recorded in ``writing`` before their first output is written, so a restarted batch knows which
+temporaries are its own (:func:`clean_stale_temporaries`) and removes nothing else.
+
+Keys and ``input`` are paths relative to the input root, so they carry whatever the user named folders and
+files (which may be a patient's name): the manifest and the report are the user's own records in OUT, and
+only hashes of the keys go to MLflow (``medidiff.pipeline.batch``; ``--log-paths`` to log keys). Only the
+batch driver writes this file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +33,8 @@ from medidiff.io import atomic
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 OUTPUT_KINDS = ("enhanced", "uncertainty", "residual", "baseline", "dicom")
+ROOT_FILES = (MANIFEST_NAME, "report.html")
+"""Files a batch writes at the top of OUT."""
 
 
 def input_fingerprint(files: Iterable[Path], root: Path, settings: dict[str, Any]) -> str:
@@ -59,6 +67,8 @@ class Manifest:
     output_root: str
     params: dict[str, Any] = field(default_factory=dict)
     scans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    writing: dict[str, str] = field(default_factory=dict)
+    """Scans started and not yet recorded: key → ``<output folder>/<stem>`` (what a kill can leave half-written)."""
 
     @property
     def path(self) -> Path:
@@ -79,6 +89,7 @@ class Manifest:
                     f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}"
                 )
             manifest.scans = dict(data.get("scans", {}))
+            manifest.writing = {str(k): str(v) for k, v in (data.get("writing") or {}).items()}
             manifest.params["model_identity"] = dict((data.get("params") or {}).get("model_identity") or {})
         return manifest
 
@@ -89,6 +100,7 @@ class Manifest:
             "output_root": self.output_root,
             "params": self.params,
             "scans": self.scans,
+            "writing": self.writing,
         }
 
     def save(self) -> Path:
@@ -100,6 +112,7 @@ class Manifest:
     def record(self, entry: dict[str, Any]) -> None:
         """Store one scan's entry (replacing an earlier one with the same key)."""
         self.scans[entry["key"]] = entry
+        self.writing.pop(entry["key"], None)
 
     def is_done(self, key: str, fingerprint: str) -> bool:
         """True when ``key`` finished with this fingerprint and all its recorded outputs are still on disk."""
@@ -117,22 +130,55 @@ class Manifest:
         return counts
 
 
-def clean_stale_temporaries(output_root: Path) -> list[Path]:
-    """Remove the temporary files/folders a killed batch left under OUT (:func:`medidiff.io.atomic.is_temporary_name`);
-    returns what was removed."""
+def _owned_prefixes(manifest: Manifest) -> dict[Path, set[str]]:
+    """Folder under OUT → name prefixes of the temporaries a batch recorded in this manifest can leave there.
+
+    The root holds the manifest's and the report's temporaries; each scan's output folder holds those of
+    its ``<stem>_*`` outputs (done, failed or started scans, all recorded before anything is written).
+    """
+    out = Path(manifest.output_root)
+    owned: dict[Path, set[str]] = {out: {f".{name}{atomic.TEMP_MARKER}" for name in ROOT_FILES}}
+    bases = [b for b in manifest.writing.values() if b]
+    for entry in manifest.scans.values():
+        bases.extend(str(Path(rel).parent / (Path(rel).name.rsplit("_", 1)[0])) for rel in (entry.get("outputs") or {}).values() if rel)
+    for base in bases:
+        rel = Path(base)
+        if rel.is_absolute() or ".." in rel.parts:
+            continue
+        # atomic.py names a temporary '.<target name, cut at 100 chars>.medidiff-tmp-...'
+        owned.setdefault(out / rel.parent, set()).add(f".{rel.name}_"[:101])
+    return owned
+
+
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?")
+
+
+def _made_by_atomic(name: str) -> bool:
+    """A temporary name as :mod:`medidiff.io.atomic` makes them: marker, 8 random characters (tempfile's
+    alphabet), then the target's suffix."""
+    if not atomic.is_temporary_name(name):
+        return False
+    return _RANDOM_PART.fullmatch(name.rsplit(atomic.TEMP_MARKER, 1)[1]) is not None
+
+
+def clean_stale_temporaries(manifest: Manifest) -> list[Path]:
+    """Remove the temporaries a killed batch of this manifest left under OUT; returns what was removed.
+
+    Only names made by :mod:`medidiff.io.atomic` (:func:`~medidiff.io.atomic.is_temporary_name`) for a
+    target this manifest records, directly inside the folder that target lives in, are removed: a user's
+    file is never touched, even one that looks temporary or carries the marker somewhere else.
+    """
     removed: list[Path] = []
-    output_root = Path(output_root)
-    if not output_root.exists():
-        return removed
-    for dirpath, dirnames, filenames in os.walk(output_root):
-        for name in list(dirnames) + filenames:
-            if atomic.is_temporary_name(name):
-                p = Path(dirpath) / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                    if name in dirnames:
-                        dirnames.remove(name)
-                else:
-                    p.unlink(missing_ok=True)
-                removed.append(p)
+    for folder, prefixes in _owned_prefixes(manifest).items():
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            name = child.name
+            if not _made_by_atomic(name) or not any(name.startswith(p) for p in prefixes):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
     return removed

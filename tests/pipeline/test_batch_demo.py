@@ -45,3 +45,17 @@ def test_demo_runs_the_main_job_on_shipped_data(tmp_path):
         env=env,
     )
     assert again.returncode == 0 and "4 already done" in again.stderr.replace("\n", " ")
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo_folder(tmp_path):
+    """`demo --out DIR` rebuilds DIR/input: a DIR holding the user's own files is refused, nothing removed."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    (tmp_path / "project" / "input").mkdir(parents=True)
+    keep = tmp_path / "project" / "input" / "scan.nii.gz"
+    keep.write_bytes(b"the user's data")
+    proc = subprocess.run(
+        [sys.executable, "-m", "medidiff", "demo", "--out", str(tmp_path / "project"), "--fresh"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "not a demo folder" in " ".join(proc.stderr.split()), proc.stderr
+    assert keep.read_bytes() == b"the user's data"

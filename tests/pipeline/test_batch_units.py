@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,30 +59,52 @@ def test_manifest_round_trip_and_done_needs_outputs(tmp_path):
     assert not again.is_done("a/x.nii.gz", "f"), "a done scan whose output vanished is redone"
 
 
-def test_stale_temporaries_are_removed_and_outputs_kept(tmp_path):
-    """What a killed batch leaves (io's temporaries, named by io.atomic) goes; outputs and user files stay."""
+def _copy_name(name: str) -> str:
+    """Another temporary name of the same target (as a second, killed attempt would have made)."""
+    return re.sub(r"(medidiff-tmp-)[a-z0-9_]{8}", r"\1copy0000", name)
+
+
+def test_stale_temporaries_of_recorded_scans_are_removed_and_nothing_else(tmp_path):
+    """What a killed batch leaves beside the outputs its manifest records goes; everything else stays,
+    even a file carrying the temporary marker in a folder or under a name the manifest does not own."""
     (tmp_path / "s").mkdir()
+    (tmp_path / "user").mkdir()
+    manifest = Manifest(str(tmp_path / "in"), str(tmp_path), {})
+    manifest.writing["s/scan.nii.gz"] = "s/scan"
     keep = [
         tmp_path / "s" / "scan_enhanced.nii.gz",
         tmp_path / "manifest.json",
         tmp_path / "s" / "IM1.dcm",
         tmp_path / "s" / ".hidden.tmp",  # not ours: a user's file is never removed
+        tmp_path / "s" / ".other_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but no recorded scan 'other'
+        tmp_path / "user" / ".scan_enhanced.nii.gz.medidiff-tmp-abc",  # marker, but not a folder we write
+        tmp_path / ".notes.medidiff-tmp-abc",
+        tmp_path / "s" / ".scan_enhanced.nii.gz.medidiff-tmp-mine",  # not a name io.atomic makes
     ]
     for p in keep:
         p.write_bytes(b"1")
     with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "s" / "scan_enhanced.nii.gz") as tmp:
         tmp.write_bytes(b"half")
-        stale_file = tmp.with_name(tmp.name + "-copy")
+        stale_file = tmp.with_name(_copy_name(tmp.name))
         shutil.copy(tmp, stale_file)  # as if the process had been killed before its clean-up ran
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "s" / "scan_enhanced_dicom") as tmp:
         (tmp / "IM00001.dcm").write_bytes(b"1")
-        stale_dir = tmp.with_name(tmp.name + "-copy")
+        stale_dir = tmp.with_name(_copy_name(tmp.name))
         shutil.copytree(tmp, stale_dir)
         raise KeyboardInterrupt
-    removed = clean_stale_temporaries(tmp_path)
-    assert set(removed) == {stale_file, stale_dir}
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "manifest.json") as tmp:
+        stale_manifest = tmp.with_name(_copy_name(tmp.name))
+        shutil.copy(tmp, stale_manifest)
+        raise KeyboardInterrupt
+    removed = clean_stale_temporaries(manifest)
+    assert set(removed) == {stale_file, stale_dir, stale_manifest}
     assert all(p.exists() for p in keep) and not stale_file.exists() and not stale_dir.exists()
+    # a finished scan is owned through its recorded outputs once it leaves 'writing'
+    manifest.record({"key": "s/scan.nii.gz", "status": "done", "outputs": {"enhanced": "s/scan_enhanced.nii.gz"}})
+    assert manifest.writing == {}
+    stale_file.write_bytes(b"1")
+    assert clean_stale_temporaries(manifest) == [stale_file]
 
 
 def test_fingerprint_tracks_content_stat_and_settings(tmp_path):
@@ -148,6 +171,12 @@ def test_out_inside_in_is_refused(tmp_path):
         check_roots(tmp_path / "in", tmp_path / "in")
     with pytest.raises(BatchUsageError, match="does not exist"):
         check_roots(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "out" / "in").mkdir(parents=True)
+    with pytest.raises(BatchUsageError, match="input folder must not be inside the output folder"):
+        check_roots(tmp_path / "out" / "in", tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BatchUsageError, match="is not a folder"):
+        check_roots(tmp_path / "in", tmp_path / "file" / "out")
 
 
 def _medidiff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -246,3 +275,38 @@ def test_factor_option_is_checked_against_the_model(tmp_path):
     auto = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
                                     "--factor", "2", "--dry-run"])
     assert auto.exit_code == 2 and "--factor needs --task sr" in auto.output
+
+
+def test_model_option_accepts_the_folder_train_out_wrote(tmp_path):
+    """`enhance --model DIR` works with what `train --out DIR` wrote (the checkpoint is DIR/model)."""
+    from medidiff.models.checkpoint import load_model, read_config
+    from tests.pipeline.test_batch_enhance_cli import _smoke_checkpoint
+
+    saved = _smoke_checkpoint(tmp_path / "run", "sr")
+    train_out = tmp_path / "train_out"
+    saved.rename(train_out.mkdir() or train_out / "model")
+    assert read_config(train_out)["recipe"]["task"]["kind"] == "sr"
+    loaded = load_model(train_out)
+    assert loaded.task == "sr" and loaded.path == train_out / "model"
+    with pytest.raises(FileNotFoundError, match="train --out"):
+        read_config(tmp_path)
+
+
+def test_isolated_decoder_passes_reader_options(tmp_path):
+    """Reader options (allow_nonfinite) reach the decoding child."""
+    import nibabel as nib
+
+    from medidiff.io import discover
+
+    arr = np.ones((4, 5, 6), np.float32)
+    arr[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    (source,) = list(discover(tmp_path / "nan.nii.gz"))
+    decoder = IsolatedDecoder(timeout_s=60)
+    try:
+        with pytest.raises(DecodeError, match="NaN"):
+            decoder.load(source)
+        vol = decoder.load(source, allow_nonfinite=True)
+        assert vol.shape == (4, 5, 6) and np.isnan(vol.array).sum() == 1
+    finally:
+        decoder.close()
