@@ -29,7 +29,7 @@ from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
 from medidiff.metrics import all_metrics
 from medidiff.models import build_model, load_model, save_checkpoint
-from medidiff.recipe import Recipe, recipe_from_dict
+from medidiff.recipe import Recipe, recipe_from_dict, with_overrides
 from medidiff.tasks import task_operator
 from medidiff.tracking import Tracker, tracking_run
 
@@ -158,6 +158,18 @@ def _set_up(recipe: Recipe, dev: torch.device, rank: int, init_from: str | Path 
     )
 
 
+#: Train settings that say how long and where to run, not what is trained: changing them on --resume
+#: (a new wall-time cap, more steps, another device) is not a recipe change.
+RUN_CONTROL = ("max_minutes", "steps", "device")
+
+
+def _what_is_trained(recipe: Recipe) -> dict[str, Any]:
+    """The recipe without its run-control settings."""
+    doc = recipe.to_dict()
+    doc["train"] = {k: v for k, v in doc["train"].items() if k not in RUN_CONTROL}
+    return doc
+
+
 def _resume(state: _State, recipe: Recipe, ckpt_dir: Path, dev: torch.device, rank: int) -> Recipe:
     """Restore ``state`` from ``ckpt_dir`` exactly; returns the checkpoint's recipe (warns if it differs)."""
     from safetensors.torch import load_file
@@ -166,10 +178,11 @@ def _resume(state: _State, recipe: Recipe, ckpt_dir: Path, dev: torch.device, ra
         raise FileNotFoundError(f"{ckpt_dir}: nothing to resume (no checkpoint/config.json)")
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     saved = recipe_from_dict(cfg["recipe"], str(ckpt_dir / "config.json"))
-    if saved.to_dict() != recipe.to_dict():
+    if _what_is_trained(saved) != _what_is_trained(recipe):
         warnings.warn(f"{ckpt_dir}: the recipe differs from the one the checkpoint was trained with; "
                       "resuming with the checkpoint's recipe", stacklevel=3)
-        recipe = saved
+        run_control = {k: getattr(recipe.train, k) for k in RUN_CONTROL}
+        recipe = with_overrides(saved, train=run_control)
     tensors = load_file(str(ckpt_dir / "train_state.safetensors"), device="cpu")
     state.net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
     state.ema.load_state_dict({k[len("ema."):]: v.to(dev) for k, v in tensors.items()

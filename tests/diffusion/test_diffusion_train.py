@@ -119,6 +119,27 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed.run_id == json.loads((tmp_path / "b/checkpoint/config.json").read_text())["run_id"]
 
 
+def test_resume_with_a_new_time_cap_is_not_a_recipe_change(tmp_path):
+    """--resume --max-minutes N changes how long to run, not what is trained: no warning, the new cap holds."""
+    import warnings
+
+    from medidiff.recipe import with_overrides
+
+    recipe = load_recipe(SMOKE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train(recipe, tmp_path / "run", max_steps=2, tracking_uri=uri, device="cpu", show_progress=False)
+    capped = with_overrides(recipe, train={"max_minutes": 30.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        res = train(capped, tmp_path / "run", max_steps=3, tracking_uri=uri, resume=True, device="cpu",
+                    show_progress=False)
+    assert res.step == 3
+    other = with_overrides(recipe, train={"lr": recipe.train.lr * 2})
+    with pytest.warns(UserWarning, match="recipe differs"):
+        train(other, tmp_path / "run", max_steps=4, tracking_uri=uri, resume=True, device="cpu",
+              show_progress=False)
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
