@@ -25,6 +25,27 @@ class ScanError(Exception):
         return (type(self), (self.path, self.problem))
 
 
+def check_regular_file(path: str | Path, kind: str = "file") -> Path:
+    """``path`` if it names a non-empty regular file this process can open; a ScanError naming the problem
+    otherwise (``kind`` names what a folder was expected to be, e.g. "NIfTI file")."""
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "file does not exist")
+    if path.is_dir():
+        raise ScanError(path, f"is a folder, not a {kind}")
+    if not path.is_file():
+        raise ScanError(path, "not a regular file (a device, socket or pipe)")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ScanError(path, "empty file (0 bytes)")
+    return path
+
+
 class ScanTooLargeError(ScanError):
     """A scan whose header declares more voxels than the memory limit allows; nothing was read.
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.io.atomic import atomic_file
-from medidiff.io.errors import ScanError
+from medidiff.io.errors import ScanError, check_regular_file
 from medidiff.io.limits import check_voxels
 from medidiff.io.volume import Volume, geometry_problem, nonfinite_problem
 
@@ -245,19 +245,7 @@ def _kspace_layout(ds: Any, path: Path, max_voxels: int | None) -> tuple[tuple[i
 
 def _check_hdf5(path: str | Path) -> Path:
     """The path, if it names a non-empty HDF5 file; a ScanError naming the problem otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise ScanError(path, "file does not exist")
-    if not path.is_file():
-        raise ScanError(path, "is a folder, not a file" if path.is_dir() else "not a regular file")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
-    if size == 0:
-        raise ScanError(path, "empty file (0 bytes)")
+    path = check_regular_file(path, "k-space file")
     if not is_hdf5_file(path):
         raise ScanError(path, "not an HDF5 file")
     return path

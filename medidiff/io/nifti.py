@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medidiff.io.atomic import atomic_file
-from medidiff.io.errors import ScanError, ScanTooLargeError
+from medidiff.io.errors import ScanError, ScanTooLargeError, check_regular_file
 from medidiff.io.limits import check_voxels
 from medidiff.io.volume import Volume, check_volume, geometry_problem, nonfinite_problem
 
@@ -23,20 +23,7 @@ def _load_image(path: Path):
     """Open with nibabel (header only), turning every failure into a ScanError that names the file."""
     import nibabel as nib
 
-    if not path.exists():
-        raise ScanError(path, "file does not exist")
-    if path.is_dir():
-        raise ScanError(path, "is a folder, not a NIfTI file")
-    if not path.is_file():
-        raise ScanError(path, "not a regular file (a device, socket or pipe)")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ScanError(path, f"cannot open file ({exc.strerror or exc})") from None
-    if size == 0:
-        raise ScanError(path, "empty file (0 bytes)")
+    check_regular_file(path, "NIfTI file")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
