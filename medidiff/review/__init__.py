@@ -13,6 +13,7 @@ from medidiff.review.batch import (
     demo_output,
     load_volume,
     open_batch,
+    trust_summary,
 )
 from medidiff.review.figures import (
     VIEWS,
@@ -22,6 +23,7 @@ from medidiff.review.figures import (
     canonical,
     display_limits,
     figure_png,
+    flags_figure,
     middle_slices_figure,
     orientation_labels,
     oriented_slice,
@@ -48,6 +50,8 @@ __all__ = [
     "demo_output",
     "display_limits",
     "figure_png",
+    "flags_figure",
+    "trust_summary",
     "find_project_root",
     "load_volume",
     "metrics_html",
