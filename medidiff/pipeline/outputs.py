@@ -89,6 +89,12 @@ def model_calibration(model: Any, task: str) -> Calibration | None:
     return calib if calib is not None and calib.task in ("", task) else None
 
 
+def calibration_set(calib: Calibration) -> str:
+    """The calibration scans, short: ``n`` cases from the named scans (slice suffixes dropped)."""
+    scans = sorted({name.split("/")[0] for name in calib.cases})
+    return f"{calib.n_cases} cases from {', '.join(scans)}" if scans else f"{calib.n_cases} cases"
+
+
 def uncertainty_label(calib: Calibration | None, samples: int) -> str:
     """The uncertainty map's short description (a NIfTI descrip holds 80 bytes)."""
     if calib is None:
@@ -134,6 +140,7 @@ def trust_maps(
             info["uncertainty"] = "calibrated interval half-width"
             info["coverage"] = calib.coverage
             info["calibration"] = calib.describe()
+            info["calibration_set"] = calibration_set(calib)
             metrics["uncertainty_coverage"] = calib.coverage
             if calib.samples_k != samples:
                 info["calibration_note"] = f"calibrated with K={calib.samples_k}, run with K={samples}"
@@ -189,7 +196,7 @@ def derivation_text(task: str, model: Any, settings: EnhanceSettings, result: An
         gain_txt = f", predicted gain {float(gain):.2f} dB" if gain is not None and np.isfinite(float(gain)) else ""
         parts.append(f"gate weight {float(m['residual_weight']):.3f}{gain_txt}")
     if trust is not None and trust.calibration is not None:
-        parts.append(f"uncertainty: {trust.calibration.describe()}")
+        parts.append(f"uncertainty: {trust.calibration.describe()} from {calibration_set(trust.calibration)}")
     elif trust is not None and trust.uncertainty is not None:
         parts.append("uncertainty: SD over samples, uncalibrated")
     parts.append("research use only, not for primary diagnosis")
