@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --save-k {args.save_k}" if args.save_k else ""),
         "```",
         "",
-        "Held-out real volumes (medidiff.data.shipped): each multi-slice volume split into a calibration "
+        ("Held-out real volumes (medidiff.data.shipped): each multi-slice volume split into a calibration "
         "block and a test block of contiguous slices; dipy_t1_coronal_slice tests, pydicom_MR_small "
         "calibrates. Lesion panel on the dipy T1 slice and the middle dipy b0 slice (all sizes x contrasts "
-        "x edges, 8 lesions per copy).",
+        "x edges, 8 lesions per copy)."),
         "",
     ]
     text = "\n".join(header + sections + cost + [""] + [lesion["markdown"],

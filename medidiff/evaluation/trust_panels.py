@@ -224,20 +224,20 @@ def _reliability_figure(curve: Sequence[dict], path: Path, title: str) -> None:
 
 
 def _calibration_markdown(s: dict[str, Any]) -> str:
-    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
+    ok = lambda b: "PASS" if b else "FAIL"
     lines = [
         f"### Calibrated uncertainty: {s['task']}, K = {s['samples_k']}",
         "",
-        f"Split-conformal on {s['n_cal']} calibration slices, assessed on {s['n_test']} disjoint held-out "
+        (f"Split-conformal on {s['n_cal']} calibration slices, assessed on {s['n_test']} disjoint held-out "
         f"slices (q = {s['quantile']:.3g}, eps = {s['epsilon']:g} of the scan scale; "
-        f"{s['seconds_per_scan']:.2f} s per scan).",
+        f"{s['seconds_per_scan']:.2f} s per scan)."),
         "",
         "| measure | value | target | |",
         "|---|---|---|---|",
-        f"| empirical coverage | {s['coverage']:.3f} | {s['nominal']:.2f} ± {COVERAGE_TOLERANCE:.2f} "
-        f"| {ok(s['coverage_ok'])} |",
-        f"| Spearman(uncertainty, abs error), body voxels | {s['spearman']:.3f} | ≥ {SPEARMAN_TARGET} "
-        f"| {ok(s['spearman_ok'])} |",
+        (f"| empirical coverage | {s['coverage']:.3f} | {s['nominal']:.2f} ± {COVERAGE_TOLERANCE:.2f} "
+        f"| {ok(s['coverage_ok'])} |"),
+        (f"| Spearman(uncertainty, abs error), body voxels | {s['spearman']:.3f} | ≥ {SPEARMAN_TARGET} "
+        f"| {ok(s['spearman_ok'])} |"),
         f"| Spearman across slices (mean half-width vs mean error) | {s['scan_spearman']:.3f} | | |",
         f"| mean half-width / scan scale | {s['mean_halfwidth_rel']:.4f} | | |",
         "",
@@ -320,8 +320,8 @@ def lesion_panel(
         enh, cls = enhance(measured), classical(measured)
         fl = flags(enh, cls, task=task.kind, factor=_factor(task))
         pr = flag_precision_recall(fl, np.abs(enh - planted), body_mask(enh))
-        for key in hits:
-            hits[key].append(pr[key])
+        for key, values in hits.items():
+            values.append(pr[key])
     panel["flags"] = {k: _nanmean(v) for k, v in hits.items()}
     panel["markdown"] = _lesion_markdown(task.kind, panel)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -330,12 +330,12 @@ def lesion_panel(
 
 def _lesion_markdown(kind: str, panel: dict[str, Any]) -> str:
     s = panel["summary"]
-    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
+    ok = lambda b: "PASS" if b else "FAIL"
     lines = [
         f"### Lesion panel: {kind}",
         "",
-        "Contrast kept = (lesion − ring) of the restored image / that of the reference, paired with the "
-        "lesion-free image; CNR = contrast / ring SD (reference, classical = before, enhanced = after).",
+        ("Contrast kept = (lesion − ring) of the restored image / that of the reference, paired with the "
+        "lesion-free image; CNR = contrast / ring SD (reference, classical = before, enhanced = after)."),
         "",
         "| diameter (mm) | contrast | n | kept (enhanced) | kept (classical) | CNR ref | CNR before | CNR after |",
         "|---|---|---|---|---|---|---|---|",
@@ -350,12 +350,12 @@ def _lesion_markdown(kind: str, panel: dict[str, Any]) -> str:
         "",
         "| target | measured | |",
         "|---|---|---|",
-        f"| lesions ≥ 4 mm keep ≥ 90 % of their contrast | min {s['min_kept_ge_4mm']:.3f} | "
-        f"{ok(s['kept_ge_4mm_ok'])} |",
-        f"| no lesion loses more than the classical image (2-point tolerance) | "
-        f"{s['lesions_worse_than_classical']} lesion(s) worse | {ok(s['lesions_worse_than_classical'] == 0)} |",
-        f"| invented blobs: enhanced − reference ≤ classical − reference | {s['blobs_enhanced']} vs "
-        f"{s['blobs_classical']} | {ok(s['blobs_ok'])} |",
+        (f"| lesions ≥ 4 mm keep ≥ 90 % of their contrast | min {s['min_kept_ge_4mm']:.3f} | "
+        f"{ok(s['kept_ge_4mm_ok'])} |"),
+        (f"| no lesion loses more than the classical image (2-point tolerance) | "
+        f"{s['lesions_worse_than_classical']} lesion(s) worse | {ok(s['lesions_worse_than_classical'] == 0)} |"),
+        (f"| invented blobs: enhanced − reference ≤ classical − reference | {s['blobs_enhanced']} vs "
+        f"{s['blobs_classical']} | {ok(s['blobs_ok'])} |"),
         "",
     ]
     return "\n".join(lines)
@@ -394,10 +394,10 @@ def flags_markdown(kind: str, lesion_flags: dict[str, float], ood: dict[str, Any
         "",
         "| panel | precision | recall | flagged fraction |",
         "|---|---|---|---|",
-        f"| lesion scans | {lesion_flags['precision']:.3f} | {lesion_flags['recall']:.3f} | "
-        f"{lesion_flags['flagged_fraction']:.4f} |",
-        f"| out-of-domain natural images ({len(ood['rows'])}) | {ood['precision']:.3f} | {ood['recall']:.3f} | "
-        f"{ood['flagged_fraction']:.4f} |",
+        (f"| lesion scans | {lesion_flags['precision']:.3f} | {lesion_flags['recall']:.3f} | "
+        f"{lesion_flags['flagged_fraction']:.4f} |"),
+        (f"| out-of-domain natural images ({len(ood['rows'])}) | {ood['precision']:.3f} | {ood['recall']:.3f} | "
+        f"{ood['flagged_fraction']:.4f} |"),
         "",
         "(nan precision: nothing flagged.)",
         "",

@@ -50,9 +50,8 @@ __all__ = [
     "demo_output",
     "display_limits",
     "figure_png",
-    "flags_figure",
-    "trust_summary",
     "find_project_root",
+    "flags_figure",
     "load_volume",
     "metrics_html",
     "middle_slices_figure",
@@ -62,6 +61,7 @@ __all__ = [
     "scan_figure",
     "show",
     "static_review",
+    "trust_summary",
     "useful_views",
     "write_png",
 ]

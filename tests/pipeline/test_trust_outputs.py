@@ -49,7 +49,7 @@ def _result(with_hallucination: bool, samples: int = 2) -> EnhanceResult:
         box[30:50, 30:50] = True
         enhanced += (texture * box)[..., None].astype(np.float32)
     std = np.full(base.shape, 2.0, np.float32) * (base > 10)
-    vol = lambda a, d: Volume(np.asarray(a, np.float32), AFFINE, {"description": d})  # noqa: E731
+    vol = lambda a, d: Volume(np.asarray(a, np.float32), AFFINE, {"description": d})
     return EnhanceResult(
         enhanced=vol(enhanced, "enhanced"),
         uncertainty=vol(std, "std") if samples > 1 else None,
@@ -188,6 +188,6 @@ def test_reconstruction_series_uses_a_defined_image_type(tmp_path: Path) -> None
     assert written["dicom_uncertainty"] is None and written["dicom_flags"]
     first = _series(tmp_path / written["dicom"])[0]
     assert list(first.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and "DerivationCodeSequence" not in first
-    proc = subprocess.run(["dciodvfy", str(sorted((tmp_path / written["dicom"]).glob("*.dcm"))[0])],
+    proc = subprocess.run(["dciodvfy", str(min((tmp_path / written["dicom"]).glob("*.dcm")))],
                           capture_output=True, text=True, check=False)
     assert "Error" not in proc.stdout + proc.stderr and "Image Type" not in proc.stdout + proc.stderr
