@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|"]
     cost += [f"| {c['samples_k']} | {c['coverage']:.3f} | {c['spearman']:.3f} | {c['seconds_per_scan']:.2f} |"
              for c in numbers["calibration"]]
-    enhance, classical = _image_fns(model, args.task, seed=args.seed)
     lcases = lesion_cases(task)
     sp = lcases[0][2]
     enhance, classical = _image_fns(model, args.task, sp, args.seed)
