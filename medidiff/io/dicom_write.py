@@ -71,6 +71,13 @@ _KEEP_MR = (
     "BodyPartExamined",
 )
 _STORED_RANGE = 32000  # int16 codes used: [-32000, 32000]
+_SHARED_STUDY = _KEEP_PATIENT + _KEEP_STUDY + ("FrameOfReferenceUID", "PositionReferenceIndicator")
+
+#: DICOM PS3.16 CID 7203 "Image Derivation" codes (coding scheme DCM) used for derived series.
+DERIVATION_CODES: dict[str, tuple[str, str, str]] = {
+    "spatial_resampling": ("113085", "DCM", "Spatial resampling"),
+    "segmentation": ("113076", "DCM", "Segmentation"),
+}
 
 
 def _ds(value: float) -> str:
@@ -139,7 +146,9 @@ def slice_geometry(affine: np.ndarray, out_dir: Path) -> SliceGeometry:
 
 
 def display_window(array: np.ndarray) -> tuple[float, float]:
-    """WindowCenter and WindowWidth covering the 0.5-99.5 percentile range of the values."""
+    """WindowCenter and WindowWidth covering the 0.5-99.5 percentile range of the values.
+
+    Computed once over the whole series (every slice carries the same window: no brightness jumps)."""
     lo, hi = np.percentile(array, [0.5, 99.5]) if array.size else (0.0, 1.0)
     width = float(hi - lo) if hi > lo else float(max(abs(hi), 1.0))
     return float((hi + lo) / 2), width
@@ -217,19 +226,29 @@ def _series_dataset(
     series_description: str,
     derivation_description: str,
     series_number: int,
+    image_type_value3: str = "OTHER",
+    derivation_code: tuple[str, str, str] | None = None,
+    study_of: Dataset | None = None,
 ) -> Dataset:
     """The attributes every file of the series shares: patient/study, series, image plane and pixel encoding."""
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     common = _patient_study(src_hdr, date, time)
+    if study_of is not None:  # a companion series: same patient, study and frame of reference
+        for kw in _SHARED_STUDY:
+            if kw in study_of:
+                setattr(common, kw, study_of[kw].value)
     common.SeriesInstanceUID = generate_uid()
     common.SeriesNumber = int(series_number)
     common.SeriesDescription = series_description[:64]
     common.SeriesDate, common.SeriesTime = date, time
     common.Manufacturer = "medidiff"
     common.SoftwareVersions = f"medidiff {__version__}"
-    common.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    common.ImageType = ["DERIVED", "SECONDARY", image_type_value3]
+    common.ContentQualification = "RESEARCH"  # not for primary diagnosis
     common.DerivationDescription = derivation_description[:1024]
+    if derivation_code is not None:
+        common.DerivationCodeSequence = Sequence([_code_item(derivation_code)])
     common.ContentDate, common.ContentTime = date, time
     common.InstanceCreationDate, common.InstanceCreationTime = date, time
     common.PixelSpacing = [_ds(geometry.spacing_j), _ds(geometry.spacing_i)]  # row spacing (j), column (i)
@@ -283,8 +302,17 @@ def write_dicom_series(
     series_description: str = "medidiff derived",
     derivation_description: str = "medidiff",
     series_number: int | None = None,
+    image_type_value3: str = "OTHER",
+    derivation_code: tuple[str, str, str] | None = None,
+    study_of: Dataset | None = None,
 ) -> list[Path]:
     """Write ``vol`` as a derived MR series into ``out_dir`` (replaced whole or not at all).
+
+    Every series is marked ``ContentQualification = RESEARCH`` (not for primary diagnosis) with ImageType
+    ``DERIVED\\SECONDARY\\<image_type_value3>``; ``derivation_code`` (a CID 7203 code, see
+    :data:`DERIVATION_CODES`) goes into DerivationCodeSequence. ``study_of``: a file's header whose patient,
+    study and frame of reference this series shares, so that maps written beside an enhanced series
+    overlay it in a viewer.
 
     Patient, study and frame of reference are kept when the source was DICOM, otherwise new
     placeholders. Each file references the source slice(s) its slice overlaps along the normal
@@ -306,6 +334,9 @@ def write_dicom_series(
         series_description=series_description,
         derivation_description=derivation_description,
         series_number=_series_number(src_hdr) if series_number is None else series_number,
+        image_type_value3=image_type_value3,
+        derivation_code=derivation_code,
+        study_of=study_of,
     )
     refs = _SourceRefs(src_vol, src_hdr) if src_vol is not None else None
     if refs is not None and not refs.uids:

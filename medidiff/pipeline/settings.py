@@ -90,12 +90,16 @@ def output_paths(job: ScanJob, settings: EnhanceSettings) -> dict[str, str | Non
     base = Path(job.out_dir_rel) / job.stem
     want_nifti = settings.fmt in ("nifti", "both")
     want_dicom = settings.fmt in ("dicom", "both")
+    sampled = settings.samples > 1
     return {
         "enhanced": f"{base}_enhanced.nii.gz" if want_nifti else None,
-        "uncertainty": f"{base}_uncertainty.nii.gz" if settings.samples > 1 else None,
+        "uncertainty": f"{base}_uncertainty.nii.gz" if sampled else None,
         "residual": f"{base}_residual.nii.gz",
         "baseline": f"{base}_baseline.nii.gz",
+        "flags": f"{base}_flags.nii.gz",
         "dicom": f"{base}_enhanced_dicom" if want_dicom else None,
+        "dicom_uncertainty": f"{base}_uncertainty_dicom" if want_dicom and sampled else None,
+        "dicom_flags": f"{base}_flags_dicom" if want_dicom else None,
     }
 
 

@@ -16,11 +16,14 @@ import numpy as np
 
 from medidiff.io.volume import Volume
 from medidiff.pipeline.decoding import DecodeError, IsolatedDecoder
-from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+from medidiff.pipeline.enhance import enhance_kspace, enhance_volume, inplane_slice_axis
 from medidiff.pipeline.model_cache import ModelCache
-from medidiff.pipeline.outputs import remove_outputs, write_outputs
+from medidiff.pipeline.outputs import remove_outputs, scan_verdict, trust_maps, write_outputs
 from medidiff.pipeline.settings import EnhanceSettings, ScanJob, scan_seed
 
+OUTPUT_KEYS = (
+    "enhanced", "uncertainty", "residual", "baseline", "flags", "dicom", "dicom_uncertainty", "dicom_flags",
+)
 # slice spacing at least this many times the in-plane spacing → through-plane SR
 THICK_SLICE_RATIO = 2.0
 
@@ -70,7 +73,7 @@ def failed_entry(job: ScanJob, error: str | None) -> dict[str, Any]:
         "task": None,
         "status": "failed",
         "fingerprint": job.fingerprint,
-        "outputs": {k: None for k in ("enhanced", "uncertainty", "residual", "baseline", "dicom")},
+        "outputs": {k: None for k in OUTPUT_KEYS},
         "metrics": {},
         "seconds": 0.0,
         "error": error,
@@ -111,6 +114,7 @@ def process_scan(
                 progress=progress,
             )
             source_volume = None
+            planes = {"slice_axis": -1}
         else:
             result = enhance_volume(
                 data,
@@ -122,12 +126,18 @@ def process_scan(
                 progress=progress,
             )
             source_volume = data if data.meta.get("dicom_header") is not None else None
-        entry["outputs"] = write_outputs(job, result, output_root, settings, source_volume, task)
+            planes = (
+                {"slice_axis": inplane_slice_axis(data)} if task == "sr" else {"thick_axis": data.slice_axis}
+            )
+        trust = trust_maps(result, task, model, samples=settings.samples, **planes)
+        entry["outputs"] = write_outputs(
+            job, result, output_root, settings, source_volume, task, trust=trust, model=model
+        )
+        metrics = {**(result.metrics or {}), **trust.metrics}
         entry["metrics"] = {  # strict JSON: a non-finite metric is stored as null
-            k: (float(v) if np.isfinite(float(v)) else None)
-            for k, v in (result.metrics or {}).items()
-            if _is_number(v)
+            k: (float(v) if np.isfinite(float(v)) else None) for k, v in metrics.items() if _is_number(v)
         }
+        entry["trust"] = {**trust.info, "verdict": scan_verdict(metrics, entry)}
         entry["status"] = "done"
     except Exception as exc:  # noqa: BLE001 - a broken scan is recorded and the batch goes on
         entry["error"] = _scrub_paths(

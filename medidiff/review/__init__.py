@@ -13,6 +13,7 @@ from medidiff.review.batch import (
     demo_output,
     load_volume,
     open_batch,
+    trust_summary,
 )
 from medidiff.review.figures import (
     VIEWS,
@@ -22,6 +23,7 @@ from medidiff.review.figures import (
     canonical,
     display_limits,
     figure_png,
+    flags_figure,
     middle_slices_figure,
     orientation_labels,
     oriented_slice,
@@ -49,6 +51,7 @@ __all__ = [
     "display_limits",
     "figure_png",
     "find_project_root",
+    "flags_figure",
     "load_volume",
     "metrics_html",
     "middle_slices_figure",
@@ -58,6 +61,7 @@ __all__ = [
     "scan_figure",
     "show",
     "static_review",
+    "trust_summary",
     "useful_views",
     "write_png",
 ]

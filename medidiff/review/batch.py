@@ -18,12 +18,14 @@ import numpy as np
 
 from medidiff.io.discover import read_scan
 from medidiff.io.volume import Volume
+from medidiff.pipeline.outputs import scan_verdict
 from medidiff.review.command import run_medidiff
 from medidiff.review.project import find_project_root
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-OUTPUT_KEYS: tuple[str, ...] = ("enhanced", "baseline", "uncertainty", "residual")
+OUTPUT_KEYS: tuple[str, ...] = ("enhanced", "baseline", "uncertainty", "residual", "flags")
+GATE_FIELDS = ("gate_decision", "gate_reason")
 _REQUIRED_SCAN_FIELDS = ("status", "outputs")
 
 # What the "before" image is for each task (the operator's back-projection of the input, on the output grid).
@@ -57,10 +59,56 @@ class ScanEntry:
     seconds: float | None
     error: str | None
     fingerprint: str | None
+    trust: dict[str, Any] = field(default_factory=dict)  # coverage, calibration, flagged fraction, verdict
+    gate: dict[str, Any] = field(default_factory=dict)  # gate_decision / gate_reason when recorded
 
     @property
     def done(self) -> bool:
         return self.status == "done"
+
+    def summary(self) -> dict[str, str]:
+        """What a reviewer reads first: :func:`trust_summary` of this scan."""
+        return trust_summary(self.metrics, self.trust, self.gate)
+
+
+def trust_summary(
+    metrics: dict[str, Any], trust: dict[str, Any] | None = None, gate: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """One-line verdict, the gate's decision and predicted gain, the uncertainty's meaning, the flagged fraction.
+
+    Works with whatever the manifest holds (older batches have no trust fields, or no gate decision).
+    """
+    trust, gate = dict(trust or {}), dict(gate or {})
+    for name in GATE_FIELDS:  # the gate may record its decision among the metrics
+        if name not in gate and name in metrics:
+            gate[name] = metrics[name]
+    verdict = trust.get("verdict") or scan_verdict(metrics, gate)
+    weight, gain = metrics.get("residual_weight"), metrics.get("self_check_gain_db")
+    parts = []
+    if gate.get("gate_decision"):
+        parts.append(str(gate["gate_decision"]))
+    if weight is not None:
+        parts.append(f"model weight {float(weight):.2f}")
+    if gain is not None and np.isfinite(float(gain)):
+        parts.append(f"predicted gain {float(gain):+.2f} dB")
+    if gate.get("gate_reason"):
+        parts.append(f"({gate['gate_reason']})")
+    if trust.get("coverage"):
+        width = metrics.get("mean_interval_halfwidth")
+        interval = f"{100 * float(trust['coverage']):g}% interval" + (
+            f", mean half-width {float(width):.4g}" if width is not None else ""
+        ) + (f" ({trust['calibration']})" if trust.get("calibration") else "")
+    elif trust.get("uncertainty"):
+        interval = "uncalibrated: SD over samples, no stated coverage"
+    else:
+        interval = "not sampled (K = 1)"
+    fraction = metrics.get("flagged_fraction", trust.get("flagged_fraction"))
+    return {
+        "verdict": verdict,
+        "gate": ", ".join(parts) or "not recorded",
+        "interval": interval,
+        "flagged": "not computed" if fraction is None else f"{100 * float(fraction):.2f}% of the body",
+    }
 
 
 @dataclass
@@ -74,6 +122,14 @@ class ScanOutputs:
     residual: Volume | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
+    flags: Volume | None = None  # hallucination flags (0/1)
+    trust: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, str]:
+        """:func:`trust_summary` of this scan: verdict, gate, interval, flagged fraction."""
+        return trust_summary(self.metrics, self.trust, self.gate)
 
     @property
     def before_label(self) -> str:
@@ -127,6 +183,8 @@ def _entry(key: str, record: Any, manifest_path: Path) -> ScanEntry:
         kind=record.get("kind"), input=record.get("input"), outputs=dict(outputs),
         metrics=dict(record.get("metrics") or {}), seconds=None if seconds is None else float(seconds),
         error=record.get("error"), fingerprint=record.get("fingerprint"),
+        trust=dict(record.get("trust") or {}),
+        gate={name: record[name] for name in GATE_FIELDS if record.get(name) is not None},
     )
 
 
@@ -219,7 +277,8 @@ class Batch:
             if path is None and name in ("enhanced", "baseline"):
                 raise BatchError(self.manifest_path, f"scan {key!r} records no {name!r} output")
             volumes[name] = load_volume(path) if path is not None else None
-        return ScanOutputs(key=entry.key, task=entry.task, metrics=dict(entry.metrics), **volumes)  # type: ignore[arg-type]
+        return ScanOutputs(key=entry.key, task=entry.task, metrics=dict(entry.metrics),  # type: ignore[arg-type]
+                           trust=dict(entry.trust), gate=dict(entry.gate), **volumes)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per scan: key, status, task, kind, seconds, error and the scan's metrics."""
@@ -229,6 +288,8 @@ class Batch:
                                    "kind": entry.kind, "seconds": entry.seconds}
             for name, value in entry.metrics.items():  # e.g. the model's own 'seconds' next to the scan's
                 row[f"metric_{name}" if name in row else name] = value
+            if entry.done:
+                row["verdict"] = entry.summary()["verdict"]
             row["error"] = entry.error
             rows.append(row)
         return rows

@@ -32,6 +32,7 @@ ANATOMY_CMAP = "gray"
 DIFFERENCE_CMAP = "RdBu_r"
 UNCERTAINTY_CMAP = "magma"
 OVERLAY_COLOUR = "#00e5ff"
+FLAGS_COLOUR = "#ff2020"  # hallucination flags: red fill and contour on the enhanced image
 
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 _POSITIVE = ("R", "A", "S")  # direction each axis of a RAS+ array increases towards
@@ -337,6 +338,41 @@ def _panel_size(sl: SliceView, width_in: float = 3.0) -> tuple[float, float]:
     left, right, bottom, top = sl.extent
     ratio = abs(bottom - top) / max(abs(right - left), 1e-6)
     return width_in, float(np.clip(width_in * ratio, 0.3, 3.0 * width_in))
+
+
+def draw_flag_overlay(ax: Any, flags_slice: SliceView) -> int:
+    """Red translucent fill and red contour of the flagged voxels over an already drawn slice (same extent).
+
+    Returns the number of flagged pixels in the slice."""
+    mask = np.asarray(flags_slice.image) > 0.5
+    if mask.any():
+        ax.imshow(np.ma.masked_where(~mask, mask.astype(np.float32)), cmap=ListedColormap([FLAGS_COLOUR]),
+                  vmin=0, vmax=1, alpha=0.35, extent=flags_slice.extent, origin="upper",
+                  interpolation="nearest", aspect="equal", gid="flags-overlay")
+        left, right, bottom, top = flags_slice.extent
+        rows, cols = mask.shape
+        xs = left + (np.arange(cols) + 0.5) * (right - left) / cols
+        ys = top + (np.arange(rows) + 0.5) * (bottom - top) / rows
+        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=[FLAGS_COLOUR], linewidths=0.8)
+    return int(mask.sum())
+
+
+def flags_figure(
+    enhanced: Volume, flags: Volume, *, view: str = "axial", index: int | None = None,
+    limits: DisplayLimits | None = None, title: str | None = None, dpi: int = 100,
+) -> Figure:
+    """The enhanced slice with the hallucination flags in red (fill and contour): where to look twice."""
+    sl = oriented_slice(enhanced, view, index)
+    fl = oriented_slice(flags, view, index)
+    vmin, vmax = (limits or display_limits(enhanced, enhanced, None, overlay_percentile=None)).anatomy_range
+    width, height = _panel_size(sl)
+    fig = Figure(figsize=(width, height + 0.8), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    draw_slice(ax, sl, cmap=ANATOMY_CMAP, vmin=vmin, vmax=vmax)
+    n = draw_flag_overlay(ax, fl)
+    ax.set_title(f"{title + chr(10) if title else ''}enhanced · red: flagged ({n} px) · {_slice_caption(sl)}",
+                 fontsize=9)
+    return fig
 
 
 def scan_figure(

@@ -24,7 +24,7 @@ import numpy as np
 
 from medidiff.io import atomic
 from medidiff.io.volume import Volume
-from medidiff.review.batch import BEFORE_LABELS, load_volume
+from medidiff.review.batch import BEFORE_LABELS, load_volume, trust_summary
 from medidiff.review.figures import (
     ANATOMY_CMAP,
     DIFFERENCE_CMAP,
@@ -36,11 +36,12 @@ from medidiff.review.figures import (
     canonical,
     check_same_grid,
     display_limits,
+    draw_flag_overlay,
     draw_slice,
     oriented_slice,
 )
 
-PANELS = ("before", "after", "difference", "uncertainty")
+PANELS = ("before", "after", "difference", "uncertainty", "flags")
 BEFORE = BEFORE_LABELS
 PANEL_WIDTH_IN = 2.2  # shown 220 px wide; rendered at PANEL_DPI for sharp text on high-density screens
 PANEL_DPI = 200
@@ -52,9 +53,10 @@ _AXIS_NAME = {"axial": "S", "coronal": "A", "sagittal": "R"}
 class ScanPreview:
     """Oriented middle slices of one finished scan (screen order, mm extents) and the scan-wide display limits."""
 
-    slices: dict[str, SliceView]  # before, after, difference (after − before), uncertainty; as available
+    slices: dict[str, SliceView]  # before, after, difference (after − before), uncertainty, flags; as available
     limits: DisplayLimits
     units: str = "a.u."
+    uncertainty_label: str = "standard deviation"
 
     @property
     def caption(self) -> str:
@@ -101,9 +103,12 @@ def scan_preview(output_root: Path, entry: dict[str, Any]) -> ScanPreview | None
     after = canonical(load_volume(root / outputs["enhanced"]))
     before = canonical(load_volume(root / outputs["baseline"]))
     uncertainty = canonical(load_volume(root / outputs["uncertainty"])) if outputs.get("uncertainty") else None
+    flags = canonical(load_volume(root / outputs["flags"])) if outputs.get("flags") else None
     paired = _on_grid(after, before)
     if not _on_grid(after, uncertainty):
         uncertainty = None
+    if not _on_grid(after, flags):
+        flags = None
     limits = display_limits(before if paired else after, after, uncertainty, overlay_percentile=None)
     view = report_view(after, entry.get("task"))
     slices = {"after": oriented_slice(after, view, assume_canonical=True)}
@@ -112,24 +117,35 @@ def scan_preview(output_root: Path, entry: dict[str, Any]) -> ScanPreview | None
         slices["difference"] = replace(slices["after"], image=slices["after"].image - slices["before"].image)
     if uncertainty is not None:
         slices["uncertainty"] = oriented_slice(uncertainty, view, assume_canonical=True)
-    return ScanPreview({name: slices[name] for name in PANELS if name in slices}, limits)
+    if flags is not None:
+        slices["flags"] = oriented_slice(flags, view, assume_canonical=True)
+    calibrated = bool((entry.get("trust") or {}).get("coverage"))
+    label = f"{100 * float(entry['trust']['coverage']):g}% interval half-width" if calibrated else "standard deviation"
+    return ScanPreview({name: slices[name] for name in PANELS if name in slices}, limits, uncertainty_label=label)
 
 
-def _panel_rgb(name: str, sl: SliceView, limits: DisplayLimits, units: str) -> np.ndarray:
-    """One panel drawn by the review figures' code (true aspect, orientation letters, colour bar) as uint8 RGB."""
+def _panel_rgb(
+    name: str, sl: SliceView, limits: DisplayLimits, units: str, *, uncertainty_label: str = "standard deviation",
+    flags: SliceView | None = None,
+) -> np.ndarray:
+    """One panel drawn by the review figures' code (true aspect, orientation letters, colour bar) as uint8 RGB.
+
+    With ``flags`` the slice is drawn with the flagged voxels in red (fill and contour) on top."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if name == "difference":
         cmap, vmin, vmax, label = DIFFERENCE_CMAP, -limits.difference_max, limits.difference_max, "difference"
     elif name == "uncertainty":
-        cmap, vmin, vmax, label = UNCERTAINTY_CMAP, 0.0, limits.uncertainty_max or 1.0, "standard deviation"
+        cmap, vmin, vmax, label = UNCERTAINTY_CMAP, 0.0, limits.uncertainty_max or 1.0, uncertainty_label
     else:
         (vmin, vmax), cmap, label = limits.anatomy_range, ANATOMY_CMAP, "intensity"
     width, height = _panel_size(sl, PANEL_WIDTH_IN)
     fig = Figure(figsize=(width, height + 0.75), dpi=PANEL_DPI, layout="constrained", facecolor="white")
     ax = fig.subplots()
     image = draw_slice(ax, sl, cmap=cmap, vmin=vmin, vmax=vmax)
+    if flags is not None:
+        draw_flag_overlay(ax, flags)
     _colourbar(fig, image, ax, f"{label} ({units})")
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
@@ -137,8 +153,15 @@ def _panel_rgb(name: str, sl: SliceView, limits: DisplayLimits, units: str) -> n
 
 
 def panel_images(preview: ScanPreview) -> dict[str, np.ndarray]:
-    """uint8 RGB image per panel (before, after, difference, uncertainty; those available)."""
-    return {name: _panel_rgb(name, sl, preview.limits, preview.units) for name, sl in preview.slices.items()}
+    """uint8 RGB image per panel (before, after, difference, uncertainty, flags over after; those available)."""
+    out = {}
+    for name, sl in preview.slices.items():
+        if name == "flags":
+            out[name] = _panel_rgb("after", preview.slices["after"], preview.limits, preview.units, flags=sl)
+        else:
+            out[name] = _panel_rgb(name, sl, preview.limits, preview.units,
+                                   uncertainty_label=preview.uncertainty_label)
+    return out
 
 
 def preview_strip(output_root: Path, entry: dict[str, Any]) -> np.ndarray | None:
@@ -169,6 +192,8 @@ figure{margin:0} figcaption{font-size:12px;color:#555;text-align:center}
 img{width:220px;height:auto;border:1px solid #ccc;background:#fff}
 table{border-collapse:collapse;font-size:13px;margin-top:6px} td,th{border:1px solid #ddd;padding:2px 8px}
 .failed{color:#a00}
+.verdict{font-weight:600;margin:4px 0} .verdict.ok{color:#070} .verdict.classical{color:#555}
+.verdict.flagged{color:#b00}
 """
 
 
@@ -188,7 +213,10 @@ def render_report(output_root: Path, manifest: dict[str, Any]) -> str:
             f"Generated {html.escape(time.strftime('%Y-%m-%d %H:%M'))}."
             " Panels: middle slice of the operator back-projection (<b>before</b>), the enhanced image "
             "(<b>after</b>), after − before (<b>difference</b>, red = brighter) and the per-voxel standard "
-            "deviation over samples (<b>uncertainty</b>). Slices follow the anatomy whatever the voxel order "
+            "deviation over samples or, with a calibrated model, the half-width of a per-voxel interval at the stated "
+            "coverage (<b>uncertainty</b>), and the enhanced image with the hallucination flags in red (<b>flags</b>: "
+            "structure the measurement does not support). Each scan starts with a one-line verdict, the gate's "
+            "decision and predicted gain. Derived images are for research use, not primary diagnosis. Slices follow the anatomy whatever the voxel order "
             "on disk (radiological convention: the patient's right on the screen's left; letters mark the "
             "directions), are drawn in millimetres (true aspect) and share one intensity scale per scan.</p>"
         ),
@@ -226,11 +254,20 @@ def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
         images = {}
         problem = f"<p class='failed'>preview unavailable: {html.escape(type(exc).__name__)}</p>"
     head += f"</div>{problem}"
+    summary = trust_summary(entry.get("metrics") or {}, entry.get("trust"), _gate_fields(entry))
+    css = {"enhanced": "ok", "flagged": "flagged"}.get(summary["verdict"].split(":")[0], "classical")
+    head += (
+        f"<p class='verdict {css}'>verdict: {html.escape(summary['verdict'])}</p>"
+        f"<div><small>gate: {html.escape(summary['gate'])} · uncertainty: {html.escape(summary['interval'])}"
+        f" · flagged: {html.escape(summary['flagged'])}</small></div>"
+    )
+    calibrated = bool((entry.get("trust") or {}).get("coverage"))
     captions = {
         "before": BEFORE.get(str(entry.get("task")), "before"),
         "after": "after: enhanced",
         "difference": "after − before",
-        "uncertainty": "uncertainty (SD over samples)",
+        "uncertainty": "calibrated interval half-width" if calibrated else "uncertainty (SD over samples, uncalibrated)",
+        "flags": "flags (red): check these regions",
     }
     figs = "".join(
         f"<figure><img alt='{name}' src='data:image/png;base64,{_png_base64(img)}'>"
@@ -242,6 +279,15 @@ def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
         for k, v in sorted((entry.get("metrics") or {}).items())
     )
     return f"{head}<div class='panels'>{figs}</div><table><tr><th>metric</th><th>value</th></tr>{rows}</table></div>"
+
+
+def _gate_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """The gate's decision and reason when the manifest entry records them (top level or under "gate")."""
+    gate = dict(entry.get("gate") or {}) if isinstance(entry.get("gate"), dict) else {}
+    for name in ("gate_decision", "gate_reason"):
+        if entry.get(name) is not None:
+            gate[name] = entry[name]
+    return gate
 
 
 def write_report(output_root: Path, manifest: dict[str, Any], path: Path | None = None) -> Path:

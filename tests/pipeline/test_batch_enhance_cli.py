@@ -132,6 +132,11 @@ def _dicom_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*_enhanced_dicom") if p.is_dir())
 
 
+def _all_dicom_dirs(out: Path) -> list[Path]:
+    """The enhanced series and the uncertainty / flags series written beside them."""
+    return sorted(p for p in out.rglob("*_dicom") if p.is_dir())
+
+
 def _output_files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
@@ -168,7 +173,7 @@ def test_messy_folder_end_to_end(messy):
     assert thick.shape[2] == 12 and np.isclose(thick.header.get_zooms()[2], 1.0)
     for entry in scans.values():
         for name, rel in (entry["outputs"] or {}).items():
-            if rel and name != "dicom":
+            if rel and not name.startswith("dicom"):
                 assert np.isfinite(nib.load(str(out / rel)).get_fdata()).all(), rel
     for e in series:
         assert e["outputs"]["enhanced"].startswith("site-a/exam-1/series")
@@ -218,7 +223,7 @@ def test_rerun_skips_done_scans(messy, smoke_models):
 
 def test_no_patient_data_outside_dicom_outputs(messy):
     """The planted name/ID may only appear inside the derived DICOM series (kept from the source)."""
-    dicom_dirs = set(_dicom_dirs(messy.out))
+    dicom_dirs = set(_all_dicom_dirs(messy.out))
     checked = 0
     for path in messy.work.rglob("*"):
         if not path.is_file() or messy.src in path.parents or any(d in path.parents for d in dicom_dirs):
@@ -294,7 +299,7 @@ def test_ray_engine_gives_the_same_outputs(messy, smoke_models):
             continue
         scale = float(np.abs(nib.load(str(messy.out / entry["outputs"]["enhanced"])).get_fdata()).max())
         for name, rel in (entry["outputs"] or {}).items():
-            if rel and name != "dicom":
+            if rel and not name.startswith("dicom"):
                 a = nib.load(str(messy.out / rel)).get_fdata()
                 b = nib.load(str(out / rel)).get_fdata()
                 assert np.allclose(a, b, atol=2e-3 * scale), f"{key} {name}: max diff {np.abs(a - b).max()}"
@@ -354,10 +359,10 @@ def test_kill_9_mid_batch_then_rerun_completes(tmp_path, smoke_models):
     expected = {"manifest.json", "report.html"}
     for entry in manifest["scans"].values():
         for name, rel in entry["outputs"].items():
-            if rel and name != "dicom":
+            if rel and not name.startswith("dicom"):
                 expected.add(rel)
     files = _output_files(out)
-    dicom_files = {f for f in files if "_enhanced_dicom/" in f}
+    dicom_files = {f for f in files if "_dicom/" in f}
     assert files - dicom_files == expected, "no duplicate, partial or temporary files"
     for entry in manifest["scans"].values():
         folder = out / entry["outputs"]["dicom"]

@@ -113,3 +113,31 @@ def test_report_lists_failures_and_is_deterministic_in_content(tmp_path: Path) -
     text = render_report(tmp_path, manifest)
     assert "failed scans" in text and "scan_c" in text
     assert "axial" in text[text.index("<h2>scan_a</h2>"):text.index("<h2>scan_b</h2>")]
+
+
+def test_report_states_verdict_gate_interval_and_shows_flags_in_red(tmp_path: Path) -> None:
+    manifest = _output_folder(tmp_path)
+    flags = np.zeros(SHAPE, np.uint8)
+    flags[12:20, 10:16, :] = 1  # a flagged block through every slice
+    nib.save(nib.Nifti1Image(flags, _lps_affine()), str(tmp_path / "scan_a" / "flags.nii.gz"))
+    a = manifest["scans"]["scan_a"]
+    a["outputs"]["flags"] = "scan_a/flags.nii.gz"
+    a["metrics"].update({"residual_weight": 0.75, "self_check_gain_db": 1.25, "flagged_fraction": 0.1,
+                         "mean_interval_halfwidth": 0.031})
+    a["trust"] = {"coverage": 0.9, "calibration": "90% interval half-width (split-conformal, sr, K=4, 24 calibration cases)",
+                  "flagged_fraction": 0.1}
+    a["gate_decision"] = "enhance"
+    b = manifest["scans"]["scan_b"]
+    b["metrics"].update({"residual_weight": 0.0, "self_check_gain_db": 0.0})
+    text = render_report(tmp_path, manifest)
+    section_a = text[text.index("<h2>scan_a</h2>"): text.index("<h2>scan_b</h2>")]
+    section_b = text[text.index("<h2>scan_b</h2>"):]
+    assert "verdict: flagged: check highlighted regions" in section_a
+    assert "model weight 0.75" in section_a and "predicted gain +1.25 dB" in section_a and "enhance" in section_a
+    assert "90% interval" in section_a and "calibrated interval half-width" in section_a
+    assert "verdict: returned classical image: model not expected to help" in section_b
+    assert "uncalibrated" in section_b  # an uncertainty map without a calibration says so
+    flagged = _panel(text, "scan_a", "flags")
+    red = (flagged[..., 0] > 0.6) & (flagged[..., 1] < 0.45) & (flagged[..., 2] < 0.45)
+    assert red.sum() > 50, "the flagged block is drawn in red"
+    assert "<img alt='flags'" not in section_b  # no flags recorded: no panel
