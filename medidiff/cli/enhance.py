@@ -91,6 +91,19 @@ def enhance(
         help="Seconds allowed to decode one scan (in an isolated process).",
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write OUT/report.html."),
+    adapt: bool = typer.Option(
+        False, "--adapt/--no-adapt", help="Fine-tune a copy of the model briefly on pairs made from each scan "
+        "first (in-plane SR: the scan degraded once more; through-plane: its sharp in-plane axes; recon: its "
+        "measured k-space split in two). The shipped weights are never changed."
+    ),
+    adapt_seconds: float | None = typer.Option(
+        None, "--adapt-seconds", min=0.1, help="Time box of --adapt per scan (default: 30 s for a 256x256x160 "
+        "volume, scaled by the scan size, 3-30 s)."
+    ),
+    gate: bool = typer.Option(
+        True, "--gate/--no-gate", help="Do-no-harm gate (default on): where the scan's own held-out self-check "
+        "does not predict a gain, the classical image comes back and the manifest says why."
+    ),
 ) -> None:
     """Enhance every scan under IN into OUT."""
     console = Console(stderr=True)
@@ -103,6 +116,9 @@ def enhance(
             models=tuple(model or ()),
             seed=seed,
             decode_timeout_s=decode_timeout,
+            adapt=adapt,
+            adapt_seconds=adapt_seconds,
+            gate=gate,
         )
         if factor is not None:
             _check_factor(factor, task, tuple(model or ()))
