@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medidiff.diffusion.process import diffusion_loss, make_scheduler, to_x0
-from medidiff.diffusion.sampling import sample
+from medidiff.diffusion.sampling import padded_call, sample
 from medidiff.models import LoadedModel
 from medidiff.physics.fft import fft2c
 from medidiff.physics.operators import FourierUndersampling
@@ -225,7 +225,7 @@ def _recon_loss(net: torch.nn.Module, loaded: LoadedModel, y: torch.Tensor, thet
     t = torch.randint(0, t_max, (x0.shape[0],), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     x_t = sched.add_noise(x0, noise, t)
-    out = net(torch.cat([x_t, cond], dim=1), t).float()
+    out = padded_call(net, torch.cat([x_t, cond], dim=1), t, recipe.size_multiple).float()
     img = from_channels(to_x0(sched, d.prediction_type, out, x_t, t), True)
     img = img + (base if d.target == "residual" else 0)
     lam_t = torch.from_numpy(lam)
