@@ -157,6 +157,7 @@ def _deltas(rows: Sequence[dict], method: str, baseline: str) -> list[float]:
 
 CLASSICAL = {"sr": ("sinc", "bicubic"), "sr_thick": ("linear", "cubic"), "recon": ("zero-filled", "cs")}
 SR_TARGET_DB = {"sr": 1.0, "sr_thick": 1.5}
+FALLBACK = {"recon": "zero-filled"}  # where the gate's fallback is not the better classical method
 MAX_CASE_FIGURES = 8
 HARM_DB = -0.1  # no case may lose more than this against the better classical method
 
@@ -167,14 +168,19 @@ def add_classical_deltas(task: str, rows: list[dict]) -> None:
     for r in rows:
         if r["method"] in CLASSICAL.get(task, ()) and "psnr" in r and math.isfinite(r["psnr"]):
             best[r["scan"]] = max(best.get(r["scan"], -math.inf), float(r["psnr"]))
+    fallback = {r["scan"]: float(r["psnr"]) for r in rows if r["method"] == FALLBACK.get(task) and "psnr" in r}
     for r in rows:
         if r["method"] not in CLASSICAL.get(task, ()) and "psnr" in r and r["scan"] in best:
             r["delta_vs_classical_db"] = float(r["psnr"]) - best[r["scan"]]
+        if r["method"] not in CLASSICAL.get(task, ()) and "psnr" in r and r["scan"] in fallback:
+            r["delta_vs_fallback_db"] = float(r["psnr"]) - fallback[r["scan"]]
 
 
-def delta_table(rows: Sequence[dict], methods: Sequence[str]) -> str:
+def delta_table(rows: Sequence[dict], methods: Sequence[str], task: str = "") -> str:
     """Markdown: per learned method, mean and worst ΔPSNR vs the better classical method on each case, and
-    how many cases the gate enhanced."""
+    how many cases the gate enhanced (for reconstruction also the worst case against zero-filling, the
+    image the gate falls back to)."""
+    fb = FALLBACK.get(task)
     body = []
     for m in methods:
         d = [(r["delta_vs_classical_db"], r["scan"]) for r in rows
@@ -185,10 +191,15 @@ def delta_table(rows: Sequence[dict], methods: Sequence[str]) -> str:
         worst = min(d)
         enhanced = sum(1 for r in rows if r["method"] == m and r.get("gate_decision") == "enhanced")
         gated = sum(1 for r in rows if r["method"] == m and "gate_decision" in r)
-        body.append([m, str(len(d)), f"{vals.mean():+.2f}", f"{np.median(vals):+.2f}", f"{worst[0]:+.2f}",
-                     worst[1], str(int((vals < HARM_DB).sum())), f"{enhanced}/{gated}" if gated else ""])
-    return _md_table(["method", "cases", "mean Δ (dB)", "median Δ", "worst Δ", "worst case",
-                      f"cases < {HARM_DB} dB", "enhanced by gate"], body)
+        row = [m, str(len(d)), f"{vals.mean():+.2f}", f"{np.median(vals):+.2f}", f"{worst[0]:+.2f}",
+               worst[1], str(int((vals < HARM_DB).sum())), f"{enhanced}/{gated}" if gated else ""]
+        if fb:
+            f = [r["delta_vs_fallback_db"] for r in rows if r["method"] == m and "delta_vs_fallback_db" in r]
+            row.append(f"{min(f):+.2f}" if f else "")
+        body.append(row)
+    header = ["method", "cases", "mean Δ (dB)", "median Δ", "worst Δ", "worst case", f"cases < {HARM_DB} dB",
+              "enhanced by gate"]
+    return _md_table(header + ([f"worst Δ vs {fb}"] if fb else []), body)
 
 
 def gate_points(rows: Sequence[dict]) -> dict[str, list[tuple[float, float, bool]]]:
@@ -303,7 +314,7 @@ def write_report(
     rows = [dict(r) for r in rows]
     add_classical_deltas(task, rows)
     mean_md, scan_md = markdown_tables(summary, rows)
-    delta_md = delta_table(rows, [r["method"] for r in summary])
+    delta_md = delta_table(rows, [r["method"] for r in summary], task)
     points = gate_points(rows)
     gate_lines = gate_summary(points)
     checks = target_checks(task, summary, rows)
