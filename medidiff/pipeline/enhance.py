@@ -3,13 +3,15 @@
 The volume is processed in batches of 2D slices (bounded memory). Each batch is sampled with the model's
 few-step sampler and data consistency with the same operator that describes the input's degradation.
 
-Do no harm (on by default, ``self_check=False`` turns it off): for super-resolution the scan checks the
-model on itself before trusting it. The input is degraded once more with the same operator, enhanced, and
-compared with the input (which is the truth for that pair). The least-squares weight ``w`` in [0, 1] of the
-model's residual over the back-projection (``baseline + w (model - baseline)``) is estimated there and used
-for the real enhancement; where the model would not help, ``w`` is 0 and the output is the sinc/interpolated
-baseline. Blends of data-consistent images stay data-consistent. Reconstruction keeps every measured k-space
-sample exactly (hard data consistency), so it can only change what was not measured.
+Do no harm (on by default, ``self_check=False`` turns it off; see :mod:`medidiff.pipeline.gate`): the scan
+checks the model on itself before trusting it, once per volume. For super-resolution the scan's own images are
+degraded once more with the same operator and enhanced; for reconstruction part of the measured lines is held
+out and predicted from the rest. The weight ``w`` of the model's residual over the classical image
+(``classical + w (model - classical)``) is cross-fitted on tiles of those pairs and the model is used only when
+the held-out gain's lower bound clears a margin (and, for SR, when the measured spectrum's edge is above the
+noise floor); otherwise the classical image comes back unchanged and the metrics say why (``gate_decision``,
+``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay data-consistent.
+``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`).
 
 Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i`` (``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the
 in-plane axes);

@@ -18,7 +18,7 @@ from medidiff.physics.operators import KSpaceTruncation
 from medidiff.physics.simulate import simulate_sr
 from medidiff.pipeline import gate
 from medidiff.pipeline.adapt import adapt_images
-from medidiff.pipeline.enhance import enhance_volume
+from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 from medidiff.recipe import load_recipe, with_overrides
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
@@ -116,3 +116,34 @@ def test_adapt_never_writes_the_shipped_weights(block):
     assert res.metrics["adapt_steps"] >= 0 and "adapt_gain_after_db" in res.metrics
     assert _sha256(path) == digest
     assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items())
+
+
+def test_a_reconstruction_model_made_to_hurt_returns_zero_filling(block, tmp_path):
+    from medidiff.physics.simulate import simulate_recon
+
+    recipe = with_overrides(load_recipe(SMOKE), task={"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08},
+                            model={"neighbours": 0})
+    torch.manual_seed(0)
+    net = build_model(recipe)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    model = load_model(save_checkpoint(tmp_path / "m", net, recipe))
+    data, _ref = simulate_recon(block, 4.0, 0.08, "equispaced", 1, 0)
+    res = enhance_kspace(data, model=model, seed=0)
+    assert np.allclose(res.enhanced.array, res.baseline.array, atol=1e-6 * float(res.baseline.array.max()))
+    assert res.metrics["gate_decision"] == "classical" and res.metrics["gate_reason"].startswith(gate.DECLINED)
+
+
+def test_settings_carry_adapt_and_gate_without_changing_default_fingerprints():
+    from medidiff.pipeline.settings import EnhanceSettings
+
+    plain = EnhanceSettings(task="sr")
+    assert "adapt" not in plain.fingerprint_params() and "gate" not in plain.fingerprint_params()
+    assert plain.enhance_options() == {"adapt": False, "adapt_seconds": None, "self_check": None}
+    custom = EnhanceSettings(task="sr", adapt=True, adapt_seconds=5.0, gate=False)
+    assert custom.fingerprint_params()["adapt"] is True
+    assert custom.enhance_options() == {"adapt": True, "adapt_seconds": 5.0, "self_check": False}
+    with pytest.raises(ValueError):
+        EnhanceSettings(adapt_seconds=0.0)
