@@ -76,6 +76,11 @@ def _split(refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return refs[..., :cut], refs[..., cut:]
 
 
+def held_out(refs: torch.Tensor) -> torch.Tensor:
+    """The images adaptation does not train on (see :func:`adapt_images`)."""
+    return _split(refs)[1]
+
+
 class _ImagePairs:
     """Training batches (cond, x0) of random crops of reference images degraded by ``op``."""
 

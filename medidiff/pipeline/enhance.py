@@ -328,6 +328,8 @@ def enhance_volume(
         loaded, report = adaptation.adapt_images(loaded, op, pool, factors, seconds, seed)
         runner = _Runner(loaded, steps, samples, seed)
         adapt_metrics = report.metrics()
+        if report.kept:  # the adapted network trained on the other pairs: the gate judges it on held-out ones
+            refs = adaptation.held_out(pool)
     decision = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else gate.off()
     weight = decision.weight
     out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
