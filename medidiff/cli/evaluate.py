@@ -67,9 +67,8 @@ def evaluate(
     Prints the mean table (Markdown) and writes per-scan and mean tables, comparison figures and,
     unless --no-tracking, one MLflow run holding all of them.
     """
-    from rich.console import Console
-
     import torch
+    from rich.console import Console
 
     torch.set_num_threads(threads)
     err = Console(stderr=True)

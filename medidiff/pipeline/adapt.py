@@ -206,7 +206,7 @@ def _line_split(mask: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarra
     centre[lo: hi + 1] = True
     candidates = np.flatnonzero(cols & ~centre)
     rng = np.random.default_rng(seed)
-    lam = rng.choice(candidates, size=max(1, int(round(fraction * len(candidates)))), replace=False) \
+    lam = rng.choice(candidates, size=max(1, round(fraction * len(candidates))), replace=False) \
         if len(candidates) else np.array([], int)
     lam_cols = np.zeros(w, bool)
     lam_cols[lam] = True
@@ -253,7 +253,7 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     """Fine-tune a copy on single-coil normalised k-space ``y`` (S, H, W) by splitting its measured lines."""
     t0 = time.perf_counter()
     report = AdaptReport()
-    theta, lam = _line_split(mask, 0.4, seed)
+    _, lam = _line_split(mask, 0.4, seed)
     h_theta, h_lam = _line_split(mask, 0.4, seed + 1)
     if lam.sum() == 0:
         report.seconds = time.perf_counter() - t0

@@ -32,13 +32,13 @@ from medidiff.data.pairs import neighbour_index
 from medidiff.diffusion.sampling import SampleOutput, sample
 from medidiff.io import Volume
 from medidiff.models import LoadedModel, default_model, load_model
-from medidiff.pipeline import adapt as adaptation
-from medidiff.pipeline import gate
-from medidiff.pipeline.gate import GateDecision
 from medidiff.physics.coils import espirit_maps
 from medidiff.physics.fft import fft2c
 from medidiff.physics.operators import FourierUndersampling
 from medidiff.physics.simulate import hr_affine
+from medidiff.pipeline import adapt as adaptation
+from medidiff.pipeline import gate
+from medidiff.pipeline.gate import GateDecision
 from medidiff.tasks import Operator, measurement_scale, task_operator, to_channels
 
 Progress = Callable[[int, int], None]
