@@ -330,6 +330,9 @@ def enhance_volume(
         adapt_metrics = report.metrics()
         if report.kept:  # the adapted network trained on the other pairs: the gate judges it on held-out ones
             refs = adaptation.held_out(pool)
+            refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+            if task == "sr":
+                refs = refs[..., : refs.shape[-2] - refs.shape[-2] % f, :]
     decision = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else gate.off()
     weight = decision.weight
     out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
