@@ -321,7 +321,11 @@ def enhance_volume(
     check = recipe.enhance.self_check if self_check is None else self_check
     refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices)
     adapt_metrics: dict[str, float] = {}
+    before = None
     if adapt:
+        # The adapted network has learnt the scan's own check scale, where it always looks good: it is used only
+        # where the original network's cross-scale check also passes, and never with a larger weight.
+        before = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else None
         seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(stack.size * f)
         factors = (1, f) if task == "sr_thick" else (f, f)
         pool = refs if task == "sr" else _check_refs(task, stack, stack_t, scale, f, len(stack))
@@ -334,6 +338,8 @@ def enhance_volume(
             if task == "sr":
                 refs = refs[..., : refs.shape[-2] - refs.shape[-2] % f, :]
     decision = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else gate.off()
+    if before is not None:
+        decision = gate.combine(before, decision)
     weight = decision.weight
     out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
                          decision.candidate_weight if check else None, task)

@@ -19,6 +19,7 @@ training data than the scan itself. The gate therefore
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -158,3 +159,15 @@ def decide(r: torch.Tensor, e: torch.Tensor, snr: float = math.nan, margin_db: f
                             f"{DECLINED} (held-out self-check gain {pred:+.2f} dB, lower bound {lower:+.2f} dB "
                             f"<= {margin_db:.2f} dB)", w)
     return GateDecision(w, pred, lower, fitted, snr, ENHANCED, w)
+
+
+def combine(before: GateDecision, after: GateDecision) -> GateDecision:
+    """The decision for an adapted network: enhance only where the original network's check (``before``) and
+    the adapted network's held-out check (``after``) both pass, with the smaller weight."""
+    w = min(before.candidate_weight, after.candidate_weight)
+    if not before.enhanced:
+        return dataclasses.replace(after, weight=0.0, candidate_weight=w,
+                                   reason=f"{before.reason} (before adaptation)")
+    if not after.enhanced:
+        return dataclasses.replace(after, candidate_weight=w)
+    return dataclasses.replace(after, weight=w, candidate_weight=w)
