@@ -147,3 +147,12 @@ def test_settings_carry_adapt_and_gate_without_changing_default_fingerprints():
     assert custom.enhance_options() == {"adapt": True, "adapt_seconds": 5.0, "self_check": False}
     with pytest.raises(ValueError):
         EnhanceSettings(adapt_seconds=0.0)
+
+
+def test_an_adapted_network_is_used_only_where_the_original_check_passes_too():
+    yes = gate.GateDecision(0.8, 1.0, 0.6, 0.8, 10.0, gate.ENHANCED, 0.8)
+    big = gate.GateDecision(1.0, 8.0, 6.0, 1.0, 10.0, gate.ENHANCED, 1.0)
+    no = gate.GateDecision(0.0, 0.4, -0.3, 0.7, 10.0, f"{gate.DECLINED} (lower bound)", 0.7)
+    assert gate.combine(no, big).weight == 0.0 and "before adaptation" in gate.combine(no, big).reason
+    assert gate.combine(yes, big).weight == pytest.approx(0.8)
+    assert gate.combine(yes, no).weight == 0.0
