@@ -25,14 +25,24 @@ def _split(text: str | None) -> list[str]:
 @app.command("evaluate")
 def evaluate(
     data: str = typer.Option(..., "--data", help="Folder written by `medidiff simulate` (<stem>_lr.nii.gz or "
-                             "<stem>_kspace.h5 beside <stem>_ref.nii.gz), or 'shipped' for the held-out real "
-                             "evaluation scans degraded on the fly (SR x2 k-space truncation; recon x4 "
-                             "equispaced, 8 % centre)."),
-    task: str = typer.Option(..., "--task", help="sr (in-plane super-resolution) or recon (undersampled k-space)."),
+                             "<stem>_kspace.h5 beside <stem>_ref.nii.gz), or 'shipped': every shipped real MR "
+                             "volume no model trained on, each slice a case, degraded on the fly (SR x2 k-space "
+                             "truncation; through-plane x4 slice profile; recon x4 equispaced, 8 % centre)."),
+    task: str = typer.Option(..., "--task", help="sr (in-plane super-resolution), sr_thick (through-plane x4) "
+                             "or recon (undersampled k-space)."),
+    panel: str = typer.Option("heldout", "--panel", help="With --data shipped: 'heldout' (the held-out real "
+                              "slices) or 'ood' (held-out natural images and phantom with Rician MR noise, and "
+                              "held-out real slices resampled to 0.3 mm and 2 mm pixels)."),
+    max_slices: int = typer.Option(8, "--max-slices", help="With --data shipped: at most this many slices per "
+                                   "volume, evenly spread (0: all)."),
+    adapt_variant: bool = typer.Option(True, "--adapt-variant/--no-adapt-variant", help="Also run medidiff "
+                                       "with per-scan adaptation (--adapt)."),
+    adapt_seconds: float | None = typer.Option(None, "--adapt-seconds", help="Adaptation time box per case "
+                                               "(default: scaled by the scan size, see `medidiff enhance`)."),
     out: str = typer.Option(..., "--out", help="Report folder: report.md, summary.csv, per_scan.csv, figures/."),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated subset. sr: sinc,bicubic,unet,"
                                           "medidiff; recon: zero-filled,cs,unet,medidiff. Default: all available."),
-    steps: str = typer.Option("4,10", "--steps", help="medidiff sampling step counts to compare, e.g. 4,10."),
+    steps: str = typer.Option("4", "--steps", help="medidiff sampling step counts to compare, e.g. 4,10."),
     model: str | None = typer.Option(None, "--model", help="medidiff model folder or name (default: the "
                                         "shipped model for the task)."),
     dc_variant: bool = typer.Option(True, "--dc-variant/--no-dc-variant", help="Also run medidiff without data "
@@ -44,6 +54,8 @@ def evaluate(
     cs_iters: int | None = typer.Option(None, "--cs-iters", help="Compressed-sensing iterations (default 100)."),
     max_scans: int | None = typer.Option(None, "--max-scans", help="Evaluate only the first N scans."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the learned methods."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads (1 is fastest on a shared "
+                                "2-core machine; more for a machine of your own)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and on-the-fly simulation."),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: "
                                                "MLFLOW_TRACKING_URI or sqlite:///mlflow.db here)."),
@@ -55,37 +67,53 @@ def evaluate(
     Prints the mean table (Markdown) and writes per-scan and mean tables, comparison figures and,
     unless --no-tracking, one MLflow run holding all of them.
     """
+    import torch
     from rich.console import Console
 
+    torch.set_num_threads(threads)
     err = Console(stderr=True)
-    if task not in ("sr", "recon"):
-        raise typer.BadParameter(f"--task must be 'sr' or 'recon', got {task!r}")
+    if task not in ("sr", "sr_thick", "recon"):
+        raise typer.BadParameter(f"--task must be 'sr', 'sr_thick' or 'recon', got {task!r}")
+    if panel not in ("heldout", "ood"):
+        raise typer.BadParameter(f"--panel must be 'heldout' or 'ood', got {panel!r}")
     try:
         step_list = [int(s) for s in _split(steps)]
     except ValueError:
         raise typer.BadParameter(f"--steps must be integers like 4,10, got {steps!r}") from None
     options = {"steps": step_list, "model": model, "dc_variant": dc_variant, "unet_dir": unet,
-               "cs_lambda": cs_lambda, "cs_iters": cs_iters, "device": device}
-    cases, method_objs, notes = _prepare(err, data, task, max_scans, _split(methods) or None, seed, options)
+               "cs_lambda": cs_lambda, "cs_iters": cs_iters, "device": device, "adapt_variant": adapt_variant,
+               "adapt_seconds": adapt_seconds}
+    cases, method_objs, notes = _prepare(err, data, task, max_scans, _split(methods) or None, seed, options,
+                                         panel, max_slices)
     rows, outputs = _run(err, cases, method_objs)
     _report(err, out, data, task, cases, method_objs, rows, outputs, notes, step_list, seed, device,
             tracking_uri, tracking)
 
 
 def _prepare(err: Console, data: str, task: str, max_scans: int | None, methods: list[str] | None, seed: int,
-             options: dict[str, Any]) -> tuple[list[Case], list[Method], list[str]]:
+             options: dict[str, Any], panel: str = "heldout",
+             max_slices: int = 8) -> tuple[list[Case], list[Method], list[str]]:
     """The cases and the methods to run on them (with notes on skipped methods); exits 2 when none can run."""
-    from medidiff.evaluation.compare import EvaluationError, build_methods, load_cases, shipped_cases
+    from medidiff.evaluation.compare import EvaluationError, build_methods, load_cases, panel_cases
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
     notes: list[str] = []
     try:
-        cases = shipped_cases(task, seed=seed) if data == "shipped" else load_cases(data, task)
+        if data == "shipped":
+            cases = panel_cases(task, panel, max_slices or None, seed=seed)
+            if task == "sr_thick":
+                notes.append("through-plane cases: each 2D slice's second axis is taken as the slice direction "
+                             "and thickened x4 by the slice profile (the shipped volumes have too few slices "
+                             "for their own through-plane axis)")
+        elif panel != "heldout":
+            raise EvaluationError("--panel needs --data shipped")
+        else:
+            cases = load_cases(data, task)
         if max_scans:
             cases = cases[:max_scans]
         with err.status("preparing methods (CS lambda tuning, models)..."):
             method_objs = build_methods(task, cases, methods, seed=seed, notes=notes,
-                                        enhance=enhance_volume if task == "sr" else enhance_kspace, **options)
+                                        enhance=enhance_kspace if task == "recon" else enhance_volume, **options)
     except EvaluationError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -148,6 +176,10 @@ def _report(err: Console, out: str, data: str, task: str, cases: list[Case], met
                                tracking_uri=tracking_uri)
         if run_id:
             err.print(f"MLflow run {run_id}")
+    typer.echo(paths["delta_table"])
+    typer.echo("")
+    for line in paths["gate"]:
+        typer.echo(f"- gate {line}")
     typer.echo(paths["mean_table"])
     for line in paths["checks"]:
         typer.echo(f"- {line}")

@@ -28,7 +28,7 @@ from medidiff.evaluation.tuning import tune_cs_lambda
 from medidiff.io.kspace import KSpaceData, read_kspace
 from medidiff.io.nifti import read_nifti
 from medidiff.io.volume import Volume
-from medidiff.metrics import all_metrics
+from medidiff.metrics import all_metrics, psnr
 from medidiff.models import default_model, load_model
 from medidiff.physics.fft import fft2c_np
 from medidiff.physics.masks import make_mask
@@ -46,6 +46,7 @@ __all__ = [
     "cs_tuning_set",
     "evaluate_cases",
     "load_cases",
+    "panel_cases",
     "shipped_cases",
     "summarise",
 ]
@@ -54,7 +55,13 @@ SR_FACTOR = 2
 RECON_ACCELERATION = 4.0
 RECON_CENTER_FRACTION = 0.08
 RECON_MASK_KIND = "equispaced"
-TASKS = ("sr", "recon")
+SR_THICK_FACTOR = 4
+TASKS = ("sr", "sr_thick", "recon")
+PANELS = ("heldout", "ood")
+MAX_SLICES = 8
+CLASSICAL = {"sr": ("sinc", "bicubic"), "sr_thick": ("linear", "cubic"), "recon": ("zero-filled", "cs")}
+OOD_PIXEL_MM = (0.3, 2.0)  # pixel sizes the models never saw
+OOD_MAX_SIZE = 256  # resampled / natural images are centre-cropped to at most this many pixels a side
 METRIC_KEYS = ("psnr", "ssim", "nmse", "hfen")
 
 
@@ -84,6 +91,8 @@ class Case:
     @property
     def slice_axis(self) -> int:
         """Axis holding the 2D slices for SSIM / HFEN: the one SR did not touch; last for k-space data."""
+        if "slice_axis" in self.info:
+            return int(self.info["slice_axis"])
         if self.lr is None:
             return 2
         axes = self.sr_axes
@@ -109,7 +118,7 @@ def load_cases(data_dir: str | Path, task: str) -> list[Case]:
         raise EvaluationError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if not root.is_dir():
         raise EvaluationError(f"{root}: not a folder (expected the output of `medidiff simulate`)")
-    suffix = "_lr.nii.gz" if task == "sr" else "_kspace.h5"
+    suffix = "_kspace.h5" if task == "recon" else "_lr.nii.gz"
     inputs = sorted(root.rglob(f"*{suffix}"))
     if not inputs:
         raise EvaluationError(f"{root}: no '*{suffix}' inputs for task {task!r} (run `medidiff simulate --task {task}`)")
@@ -121,7 +130,7 @@ def load_cases(data_dir: str | Path, task: str) -> list[Case]:
             raise EvaluationError(f"{inp}: no matching reference {ref_path.name} beside it")
         reference = read_nifti(ref_path)
         name = str(inp.relative_to(root).with_name(stem))
-        if task == "sr":
+        if task != "recon":
             lr = read_nifti(inp)
             case = Case(name=name, reference=reference, lr=lr)
             try:
@@ -179,6 +188,103 @@ def shipped_cases(task: str, seed: int = 0) -> list[Case]:
         else:
             data, ref = degrade_recon(vol, seed=seed + i)
             cases.append(Case(name=name, reference=ref, kspace=data))
+    return cases
+
+
+def _spread(n: int, count: int | None) -> np.ndarray:
+    """Up to ``count`` indices evenly spread over ``range(n)`` (all when ``count`` is None or 0)."""
+    if not count or n <= count:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, count).round().astype(int))
+
+
+def slice_images(vol: Volume, max_slices: int | None) -> list[tuple[int, np.ndarray, float]]:
+    """``(index, 2D image, in-plane pixel mm)`` of up to ``max_slices`` slices along the volume's slice axis
+    (slices with no signal are skipped)."""
+    ax = vol.slice_axis
+    arr = np.moveaxis(np.asarray(vol.array, np.float32), ax, 0)
+    sp = [s for i, s in enumerate(vol.spacing) if i != ax]
+    energy = np.abs(arr).reshape(len(arr), -1).mean(axis=1)
+    keep = np.flatnonzero(energy > 0.1 * energy.max()) if energy.max() > 0 else np.arange(0)
+    return [(int(keep[i]), arr[keep[i]], float(np.mean(sp))) for i in _spread(len(keep), max_slices)]
+
+
+def image_case(task: str, name: str, image: np.ndarray, pixel_mm: float, seed: int = 0,
+               info: dict[str, Any] | None = None) -> Case:
+    """One 2D image as a case of ``task``: ``sr`` k-space truncation x2; ``sr_thick`` its second axis taken
+    as the slice direction and thickened x4 by the slice profile (the Volume is (1, H, W), axis 2 thick);
+    ``recon`` x4 equispaced with an 8 % centre."""
+    from medidiff.physics.simulate import simulate_sr
+
+    img = np.ascontiguousarray(image, np.float32)
+    info = dict(info or {})
+    if task == "sr":
+        vol = Volume(img[:, :, None], np.diag([pixel_mm, pixel_mm, pixel_mm, 1.0]), {"modality": "MR"})
+        lr, ref = degrade_sr_inplane(vol, SR_FACTOR)
+        return Case(name=name, reference=ref, lr=lr, info=info)
+    if task == "sr_thick":
+        w = img.shape[1] - img.shape[1] % SR_THICK_FACTOR
+        vol = Volume(img[None, :, :w], np.diag([pixel_mm, pixel_mm, pixel_mm, 1.0]), {"modality": "MR"})
+        lr, ref = simulate_sr(vol, SR_THICK_FACTOR, axis="through", seed=seed)
+        info["slice_axis"] = 0
+        return Case(name=name, reference=ref, lr=lr, info=info)
+    vol = Volume(img[:, :, None], np.diag([pixel_mm, pixel_mm, pixel_mm, 1.0]), {"modality": "MR"})
+    data, ref = degrade_recon(vol, seed=seed)
+    return Case(name=name, reference=ref, kspace=data, info=info)
+
+
+def _centre_crop(img: np.ndarray, size: int = OOD_MAX_SIZE) -> np.ndarray:
+    h, w = img.shape
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return np.ascontiguousarray(img[top: top + size, left: left + size])
+
+
+def ood_images(max_slices: int | None = 2, seed: int = 0) -> list[tuple[str, np.ndarray, float, dict[str, Any]]]:
+    """The out-of-domain panel as ``(name, image, pixel mm, info)``: the held-out natural images and phantom as
+    magnitude images with Rician noise (and sometimes a scanner-masked zero background), and held-out real MR
+    slices resampled to pixel sizes the models never saw (``OOD_PIXEL_MM``)."""
+    from scipy.ndimage import zoom
+
+    from medidiff.data.generators import AcquisitionConfig, acquire
+    from medidiff.data.natural import natural_images
+
+    out = []
+    rng = np.random.default_rng(seed)
+    for name, img in natural_images("ood"):
+        clean = _centre_crop(np.asarray(img, np.float32))
+        noisy, params = acquire(clean, clean > 0.05, rng, AcquisitionConfig())
+        out.append((f"natural/{name}", noisy, 1.0, {"panel": "ood", "source": "natural", "snr": params["snr"]}))
+    for vol_name, vol in real_evaluation_volumes():
+        for idx, img, mm in slice_images(vol, max_slices):
+            for target in OOD_PIXEL_MM:
+                z = mm / target
+                res = np.clip(zoom(img, z, order=3, grid_mode=True, mode="grid-constant"), 0, None)
+                res = _centre_crop(res.astype(np.float32))
+                if min(res.shape) < 16:
+                    continue
+                out.append((f"{vol_name}/s{idx}@{target:g}mm", res, target,
+                            {"panel": "ood", "source": "resampled", "zoom": z}))
+    return out
+
+
+def panel_cases(task: str, panel: str = "heldout", max_slices: int | None = MAX_SLICES, seed: int = 0) -> list[Case]:
+    """Cases of a panel, one per 2D slice: ``heldout`` every shipped real MR volume no model trained on
+    (up to ``max_slices`` slices each, evenly spread); ``ood`` the out-of-domain panel (:func:`ood_images`)."""
+    if panel not in PANELS:
+        raise EvaluationError(f"unknown panel {panel!r}; choose one of {', '.join(PANELS)}")
+    if task not in TASKS:
+        raise EvaluationError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if panel == "heldout":
+        items = [(f"{name}/s{idx}", img, mm, {"panel": "heldout", "source": name})
+                 for name, vol in real_evaluation_volumes() for idx, img, mm in slice_images(vol, max_slices)]
+    else:
+        items = ood_images(max(1, (max_slices or MAX_SLICES) // 4), seed)
+    cases = []
+    for k, (name, img, mm, info) in enumerate(items):
+        min_side = SR_THICK_FACTOR * 4 if task == "sr_thick" else 8
+        if min(img.shape) < min_side:
+            continue
+        cases.append(image_case(task, name, img, mm, seed + k, info))
     return cases
 
 
@@ -263,6 +369,36 @@ def _sr_baseline(kind: str) -> Callable[[Case], tuple[Volume, dict[str, float]]]
     return run
 
 
+def slice_interpolate(lr: Volume, factor: int, order: int) -> Volume:
+    """Linear (``order`` 1) or cubic (3) interpolation of thick slices along the LR volume's slice axis onto the
+    thin grid: thin slice ``j`` sits at thick index ``(j - (f - 1) / 2) / f`` (the slice-profile convention),
+    edges clamped."""
+    from scipy.ndimage import map_coordinates
+
+    from medidiff.physics.simulate import hr_affine
+
+    ax = lr.slice_axis
+    arr = np.moveaxis(np.asarray(lr.array, np.float32), ax, -1)
+    n = arr.shape[-1]
+    pos = np.clip((np.arange(n * factor) - (factor - 1) / 2) / factor, 0, n - 1)
+    flat = arr.reshape(-1, n)
+    rows = np.arange(len(flat))
+    coords = np.stack(np.meshgrid(rows, pos, indexing="ij"))
+    out = map_coordinates(flat, coords, order=order, mode="nearest", prefilter=order > 1)
+    out = np.moveaxis(out.reshape(*arr.shape[:-1], n * factor), -1, ax).astype(np.float32)
+    return lr.with_array(np.ascontiguousarray(out), hr_affine(lr.affine, factor, (ax,), centred=True))
+
+
+def _thick_baseline(kind: str) -> Callable[[Case], tuple[Volume, dict[str, float]]]:
+    """Linear or cubic slice interpolation of the case's thick-slice volume."""
+    order = {"linear": 1, "cubic": 3}[kind]
+
+    def run(case: Case) -> tuple[Volume, dict[str, float]]:
+        return slice_interpolate(case.lr, case.sr_factor, order), {}
+
+    return run
+
+
 def _unet_method(model_dir: str | Path, task: str, device: str) -> Method:
     """The regression U-Net checkpoint in ``model_dir``: one forward pass from the back-projection."""
     model = load_unet(model_dir, device=device)
@@ -304,25 +440,41 @@ def _without_dc(func: Callable, model: Any) -> tuple[Any, dict[str, Any]]:
     return dataclasses.replace(model, recipe=no_dc), {}
 
 
-def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool, seed: int) -> Method:
-    """medidiff (``func``: ``enhance_volume`` for sr, ``enhance_kspace`` for recon) at ``steps`` steps,
-    with or without DC."""
+def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool, seed: int,
+                     adapt: bool = False, adapt_seconds: float | None = None) -> Method:
+    """medidiff (``func``: ``enhance_volume`` for sr / sr_thick, ``enhance_kspace`` for recon) at ``steps``
+    steps, with or without DC, with or without per-scan adaptation. Besides the image, it reports the gate's
+    numbers and ``actual_gain_db``: the PSNR gain over the operator's back-projection of the candidate the
+    gate weighed (what enhancing would have given)."""
     extra: dict[str, Any] = {}
     if not dc:
         model, extra = _without_dc(func, model)
+    if adapt:
+        extra.update(adapt=True, adapt_seconds=adapt_seconds)
 
-    def run(case: Case) -> tuple[Volume, dict[str, float]]:
-        if task == "sr":
-            _check_inplane(case)
-            res = func(case.lr, task="sr", model=model, factor=case.sr_factor, steps=steps, seed=seed, **extra)
+    def run(case: Case) -> tuple[Volume, dict[str, Any]]:
+        if task in ("sr", "sr_thick"):
+            if task == "sr":
+                _check_inplane(case)
+            res = func(case.lr, task=task, model=model, factor=case.sr_factor, steps=steps, seed=seed, **extra)
         else:
             res = func(case.kspace, model=model, steps=steps, seed=seed, **extra)
         keep = ("network_evals", "dc_residual_rel", "residual_weight", "self_check_gain_db")
-        numbers = {k: float(v) for k, v in (res.metrics or {}).items() if k in keep and v is not None}
+        numbers: dict[str, Any] = {k: float(v) for k, v in (res.metrics or {}).items()
+                                   if (k in keep or k.startswith("adapt_")) and v is not None}
+        numbers.update({k: v for k, v in (res.metrics or {}).items() if k.startswith("gate_")})
+        if res.candidate is not None:
+            ref = case.reference.array
+            numbers["actual_gain_db"] = float(_psnr(ref, res.candidate.array) - _psnr(ref, res.baseline.array))
         return res.enhanced, numbers
 
-    name = f"medidiff-{steps}" + ("" if dc else "-nodc")
-    return Method(name, run, family="medidiff", params={"steps": steps, "dc": dc})
+    name = f"medidiff-{steps}" + ("" if dc else "-nodc") + ("-adapt" if adapt else "")
+    return Method(name, run, family="medidiff", params={"steps": steps, "dc": dc, "adapt": adapt})
+
+
+def _psnr(ref: np.ndarray, img: np.ndarray) -> float:
+    """PSNR with the reference maximum as data range (as :func:`medidiff.metrics.all_metrics`)."""
+    return float(psnr(ref, img))
 
 
 def build_methods(
@@ -333,6 +485,8 @@ def build_methods(
     steps: Sequence[int] = (4, 10),
     model: str | Path | None = None,
     dc_variant: bool = True,
+    adapt_variant: bool = True,
+    adapt_seconds: float | None = None,
     unet_dir: str | Path | None = None,
     cs_lambda: float | None = None,
     cs_iters: int | None = None,
@@ -348,8 +502,7 @@ def build_methods(
     """
 
     notes = [] if notes is None else notes
-    available = ["sinc", "bicubic"] if task == "sr" else ["zero-filled", "cs"]
-    available += ["unet", "medidiff"]
+    available = [*CLASSICAL[task], "unet", "medidiff"]
     wanted = list(methods) if methods else list(available)
     unknown = [m for m in wanted if m not in available]
     if unknown:
@@ -358,6 +511,8 @@ def build_methods(
     for name in wanted:
         if name in ("sinc", "bicubic"):
             out.append(Method(name, _sr_baseline(name)))
+        elif name in ("linear", "cubic"):
+            out.append(Method(name, _thick_baseline(name)))
         elif name == "zero-filled":
             out.append(Method(name, lambda c: (zero_filled(c.kspace), {})))
         elif name == "cs":
@@ -402,6 +557,8 @@ def build_methods(
                         out.append(_medidiff_method(enhance, task, loaded, int(s), False, seed))
                     except EvaluationError as exc:
                         notes.append(f"medidiff without DC skipped: {exc}")
+                if adapt_variant:
+                    out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed, True, adapt_seconds))
     return out
 
 

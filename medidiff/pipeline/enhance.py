@@ -3,13 +3,15 @@
 The volume is processed in batches of 2D slices (bounded memory). Each batch is sampled with the model's
 few-step sampler and data consistency with the same operator that describes the input's degradation.
 
-Do no harm (on by default, ``self_check=False`` turns it off): for super-resolution the scan checks the
-model on itself before trusting it. The input is degraded once more with the same operator, enhanced, and
-compared with the input (which is the truth for that pair). The least-squares weight ``w`` in [0, 1] of the
-model's residual over the back-projection (``baseline + w (model - baseline)``) is estimated there and used
-for the real enhancement; where the model would not help, ``w`` is 0 and the output is the sinc/interpolated
-baseline. Blends of data-consistent images stay data-consistent. Reconstruction keeps every measured k-space
-sample exactly (hard data consistency), so it can only change what was not measured.
+Do no harm (on by default, ``self_check=False`` turns it off; see :mod:`medidiff.pipeline.gate`): the scan
+checks the model on itself before trusting it, once per volume. For super-resolution the scan's own images are
+degraded once more with the same operator and enhanced; for reconstruction part of the measured lines is held
+out and predicted from the rest. The weight ``w`` of the model's residual over the classical image
+(``classical + w (model - classical)``) is cross-fitted on tiles of those pairs and the model is used only when
+the held-out gain's lower bound clears a margin (and, for SR, when the measured spectrum's edge is above the
+noise floor); otherwise the classical image comes back unchanged and the metrics say why (``gate_decision``,
+``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay data-consistent.
+``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`).
 
 Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i`` (``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the
 in-plane axes);
@@ -30,9 +32,14 @@ from medidiff.data.pairs import neighbour_index
 from medidiff.diffusion.sampling import SampleOutput, sample
 from medidiff.io import Volume
 from medidiff.models import LoadedModel, default_model, load_model
+from medidiff.models.runtime import prepare_network
 from medidiff.physics.coils import espirit_maps
+from medidiff.physics.fft import fft2c
 from medidiff.physics.operators import FourierUndersampling
 from medidiff.physics.simulate import hr_affine
+from medidiff.pipeline import adapt as adaptation
+from medidiff.pipeline import gate
+from medidiff.pipeline.gate import GateDecision
 from medidiff.tasks import Operator, measurement_scale, task_operator, to_channels
 
 Progress = Callable[[int, int], None]
@@ -47,6 +54,7 @@ class EnhanceResult:
     residual: Volume
     baseline: Volume
     metrics: dict[str, float] = field(default_factory=dict)
+    candidate: Volume | None = None  # what the gate weighed: baseline + candidate weight x model residual
 
 
 def _resolve_model(model: LoadedModel | str | None, task: str) -> LoadedModel:
@@ -88,11 +96,14 @@ def slices_per_batch(requested: int | None, default: int, slice_pixels: int) -> 
 class _Runner:
     """Samples batches of slices (B, h, w) of measurements with one model, generator and settings."""
 
-    def __init__(self, loaded, steps: int | None, samples: int, seed: int) -> None:
-        self.loaded, self.recipe, self.net = loaded, loaded.recipe, loaded.net
+    def __init__(self, loaded, steps: int | None, samples: int, seed: int, precision: str = "auto") -> None:
+        self.loaded, self.recipe = loaded, loaded.recipe
+        self.device = next(loaded.net.parameters()).device
+        # bf16 autocast where the hardware has it natively (fp32 out: data consistency stays fp32), channels-last
+        self.net = prepare_network(loaded.net, precision, device=self.device, channels_last=True)
+        self.precision = self.net.precision
         self.steps = steps or self.recipe.diffusion.steps
         self.samples = samples
-        self.device = next(self.net.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
     def run(self, op: Operator, y: torch.Tensor, stack_y: torch.Tensor | None = None,
@@ -114,23 +125,34 @@ class _Runner:
                       samples=samples or self.samples, generator=self.generator)
 
 
-def _residual_weight(runner: _Runner, op: Operator, refs: torch.Tensor) -> tuple[float, float]:
-    """Self-check: degrade ``refs`` (B, H, W) with ``op``, enhance, fit the weight of the model's residual.
+def classical(task: str, op: Operator, y: torch.Tensor) -> torch.Tensor:
+    """The classical image the gate falls back to and blends with: the operator's back-projection (sinc for
+    in-plane SR); for through-plane SR cubic slice interpolation made data-consistent
+    (``c + B^+ (y - B c)``, never further from a noiseless truth than cubic itself), which is at least as good as
+    linear or cubic interpolation alone."""
+    if task != "sr_thick":
+        return op.pinv(y)
+    from scipy.ndimage import map_coordinates
 
-    Returns ``(w, gain_db)``: the least-squares weight in [0, 1] and the PSNR gain it gives over the baseline.
-    """
+    f = op.factor
+    arr = y.detach().cpu().numpy()
+    n = arr.shape[-1]
+    pos = np.clip((np.arange(n * f) - (f - 1) / 2) / f, 0, n - 1)
+    flat = arr.reshape(-1, n)
+    coords = np.stack(np.meshgrid(np.arange(len(flat)), pos, indexing="ij"))
+    cub = map_coordinates(flat, coords, order=3, mode="nearest").reshape(*arr.shape[:-1], n * f)
+    c = torch.from_numpy(cub.astype(np.float32)).to(y.device)
+    return c + op.A_dagger(y - op.A(c))
+
+
+def _check_residuals(runner: _Runner, op: Operator, refs: torch.Tensor,
+                     task: str = "sr") -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-check pairs: degrade ``refs`` (B, H, W) with ``op`` and enhance; ``(model residual, true residual)``
+    over the classical image."""
     y2 = op.A(refs)
-    base2 = op.pinv(y2)
+    base2 = classical(task, op, y2)
     pred = runner.run(op, y2, samples=1).mean
-    r, e = (pred - base2).double(), (refs - base2).double()
-    rr = float((r * r).sum())
-    w = float(np.clip(float((r * e).sum()) / rr, 0.0, 1.0)) if rr > 0 else 0.0
-    err0 = float((e * e).sum())
-    err1 = float(((e - w * r) ** 2).sum())
-    gain = 10 * np.log10(err0 / err1) if err1 > 0 and err0 > 0 else 0.0
-    if gain < 0.05:  # not worth the risk on this scan
-        w, gain = 0.0, 0.0
-    return w, float(gain)
+    return pred - base2, refs - base2
 
 
 def _check_slices(stack: np.ndarray, count: int) -> np.ndarray:
@@ -187,23 +209,34 @@ def _checked_model(model: LoadedModel | str | None, task: str, factor: int | Non
     return loaded
 
 
-def _self_check(runner: _Runner, op: Operator, task: str, stack: np.ndarray, stack_t: torch.Tensor,
-                scale: float) -> tuple[float, float]:
-    """Do no harm: ``(weight, gain_db)`` of the model's residual, fitted on the scan itself."""
-    f, count = runner.recipe.task.factor, runner.recipe.enhance.self_check_slices
+def _check_refs(task: str, stack: np.ndarray, stack_t: torch.Tensor, scale: float, f: int,
+                count: int) -> torch.Tensor:
+    """The scan's own images that stand in for the truth: ``sr`` its slices, ``sr_thick`` its sharp in-plane
+    images (SMORE: the sharp in-plane direction stands in for the thick one); normalised, cropped to ``f``."""
     if task == "sr":
         idx = _check_slices(stack, count)
         refs = stack_t[idx]
         h, w = refs.shape[-2:]
-        refs = refs[..., : h - h % f, : w - w % f]
-    else:  # SMORE: the sharp in-plane direction stands in for the thick one
-        inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
-        idx = _check_slices(inplane, count)
-        refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
-        refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+        return refs[..., : h - h % f, : w - w % f]
+    inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
+    if inplane.shape[1] < 16:  # a thin slab (one image): its other sharp axis, transposed, stands in
+        inplane = np.swapaxes(stack, 1, 2)  # (N, Zlr, P)
+    idx = _check_slices(inplane, count)
+    refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
+    return refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+
+
+def _self_check(runner: _Runner, op: Operator, task: str, refs: torch.Tensor, stack_t: torch.Tensor,
+                margin_db: float, seed: int) -> GateDecision:
+    """Do no harm: the gate's decision for this scan, from the self-check on ``refs`` (computed once)."""
+    f = runner.recipe.task.factor
+    snr = gate.edge_snr(stack_t[_check_slices(stack_t.numpy(), runner.recipe.enhance.self_check_slices)].numpy(),
+                        (1, 2) if task == "sr" else (2,))
     if refs.shape[-1] >= 2 * f and refs.shape[-2] >= 2:
-        return _residual_weight(runner, op, refs)
-    return 1.0, float("nan")
+        r, e = _check_residuals(runner, op, refs, task)
+        return gate.decide(r, e, snr, margin_db, seed)
+    return gate.GateDecision(0.0, float("nan"), float("nan"), 0.0, snr,
+                             f"{gate.DECLINED} (scan too small for the self-check)", 0.0)
 
 
 @dataclass
@@ -214,6 +247,7 @@ class _Outputs:
     baseline: np.ndarray | None = None
     residual: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
+    candidate: np.ndarray | None = None
     dc_num: float = 0.0
     dc_den: float = 0.0
 
@@ -222,7 +256,8 @@ class _Outputs:
 
 
 def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: float, weight: float,
-                   batch: int, progress: Progress | None) -> _Outputs:
+                   batch: int, progress: Progress | None, candidate_weight: float | None = None,
+                   task: str = "sr") -> _Outputs:
     """Sample every slice of a normalised stack in batches; blend with the back-projection by ``weight``."""
     n = len(stack_t)
     out = _Outputs()
@@ -230,7 +265,7 @@ def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: 
         index = list(range(start, min(n, start + batch)))
         y = stack_t[index]
         res = runner.run(op, y, stack_y=stack_t, index=index)
-        base = op.pinv(y)
+        base = classical(task, op, y)
         img = base + weight * (res.mean - base)
         dc_res = y - op.A(img)
         out.dc_num += float((dc_res.double() ** 2).sum())
@@ -240,6 +275,10 @@ def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: 
             out.enhanced, out.baseline, out.residual = (np.empty(shp, np.float32) for _ in range(3))
             out.uncertainty = np.empty(shp, np.float32) if runner.samples > 1 else None
         out.enhanced[index] = img.cpu().numpy() * scale
+        if candidate_weight is not None:
+            if out.candidate is None:
+                out.candidate = np.empty_like(out.enhanced)
+            out.candidate[index] = (base + candidate_weight * (res.mean - base)).cpu().numpy() * scale
         out.baseline[index] = base.cpu().numpy() * scale
         out.residual[index] = op.pinv(dc_res).cpu().numpy() * scale
         if out.uncertainty is not None and res.std is not None:
@@ -261,14 +300,22 @@ def enhance_volume(
     batch_slices: int | None = None,
     progress: Progress | None = None,
     self_check: bool | None = None,
+    adapt: bool = False,
+    adapt_seconds: float | None = None,
+    gate_margin_db: float = gate.MARGIN_DB,
+    precision: str = "auto",
 ) -> EnhanceResult:
-    """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis)."""
+    """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
+
+    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the network
+    on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
+    """
     t0 = time.perf_counter()
     loaded = _checked_model(model, task, factor)
     recipe = loaded.recipe
     f = recipe.task.factor
     op = task_operator(recipe.task)
-    runner = _Runner(loaded, steps, samples, seed)
+    runner = _Runner(loaded, steps, samples, seed, precision)
     st = slice_stack(vol, task, f)
     stack = st.stack
     out_pixels = stack.shape[1] * stack.shape[2] * (f * f if task == "sr" else f)  # one output image
@@ -277,8 +324,30 @@ def enhance_volume(
     stack_t = torch.from_numpy(np.ascontiguousarray(stack)) / scale
 
     check = recipe.enhance.self_check if self_check is None else self_check
-    weight, gain = _self_check(runner, op, task, stack, stack_t, scale) if check else (1.0, float("nan"))
-    out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress)
+    refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices)
+    adapt_metrics: dict[str, float] = {}
+    before = None
+    if adapt:
+        # The adapted network has learnt the scan's own check scale, where it always looks good: it is used only
+        # where the original network's cross-scale check also passes, and never with a larger weight.
+        before = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else None
+        seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(stack.size * f)
+        factors = (1, f) if task == "sr_thick" else (f, f)
+        pool = refs if task == "sr" else _check_refs(task, stack, stack_t, scale, f, len(stack))
+        loaded, report = adaptation.adapt_images(loaded, op, pool, factors, seconds, seed)
+        runner = _Runner(loaded, steps, samples, seed, precision)
+        adapt_metrics = report.metrics()
+        if report.kept:  # the adapted network trained on the other pairs: the gate judges it on held-out ones
+            refs = adaptation.held_out(pool)
+            refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+            if task == "sr":
+                refs = refs[..., : refs.shape[-2] - refs.shape[-2] % f, :]
+    decision = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else gate.off()
+    if before is not None:
+        decision = gate.combine(before, decision)
+    weight = decision.weight
+    out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
+                         decision.candidate_weight if check else None, task)
 
     meta = {"description": f"medidiff {task} x{f}", "derived_by": f"medidiff {loaded.name}"}
     metrics = {
@@ -287,7 +356,9 @@ def enhance_volume(
         "network_evals": float(runner.steps),
         "samples": float(samples),
         "residual_weight": float(weight),
-        "self_check_gain_db": gain,
+        "self_check_gain_db": decision.predicted_gain_db,
+        **decision.metrics(),
+        **adapt_metrics,
         "seconds": time.perf_counter() - t0,
     }
     unc = st.back(out.uncertainty)
@@ -296,8 +367,10 @@ def enhance_volume(
         enhanced=vol.with_array(st.back(out.enhanced), grid, **meta),
         uncertainty=None if unc is None else vol.with_array(unc, grid, description="medidiff uncertainty (std)"),
         residual=vol.with_array(st.back(out.residual), grid, description="medidiff data-consistency residual"),
-        baseline=vol.with_array(st.back(out.baseline), grid, description="operator back-projection (before)"),
+        baseline=vol.with_array(st.back(out.baseline), grid, description="classical image (before): the operator back-projection; for through-plane SR data-consistent cubic interpolation"),
         metrics=metrics,
+        candidate=None if out.candidate is None else vol.with_array(st.back(out.candidate), grid,
+                                                                    description="gate candidate"),
     )
 
 
@@ -310,9 +383,34 @@ def _kspace_mask(data) -> np.ndarray:
     return nz.astype(np.float32)
 
 
+def _recon_gate(runner: _Runner, k: torch.Tensor, mask: np.ndarray, margin_db: float, seed: int) -> GateDecision:
+    """Do no harm for reconstruction (zero-shot split): part of the measured lines is held out, the rest is
+    reconstructed, and the model's k-space on the held-out lines is compared with what was measured there
+    (zero-filling predicts 0). Single-coil k-space (S, H, W), normalised."""
+    idx = _check_slices(k.abs().numpy(), runner.recipe.enhance.self_check_slices)
+    theta, lam = adaptation._line_split(mask, 0.4, seed)
+    if lam.sum() == 0 or len(idx) == 0:
+        return gate.GateDecision(1.0, float("nan"), float("nan"), 1.0, float("nan"),
+                                 "enhanced (no lines to hold out for the self-check)")
+    y = k[idx]
+    op = FourierUndersampling(theta)
+    pred = runner.run(op, y * torch.from_numpy(theta), samples=1).mean
+    lam_t = torch.from_numpy(lam).bool()
+    r = fft2c(pred.to(torch.complex64)) * lam_t
+    e = y * lam_t
+    keep = lam_t.reshape(-1, lam_t.shape[-1]).any(dim=0)
+    return gate.decide(r[..., keep], e[..., keep], float("nan"), margin_db, seed)
+
+
 def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int = 1, seed: int = 0,
-                   progress: Progress | None = None, batch_slices: int | None = None) -> EnhanceResult:
-    """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S)."""
+                   progress: Progress | None = None, batch_slices: int | None = None,
+                   self_check: bool | None = None, adapt: bool = False, adapt_seconds: float | None = None,
+                   gate_margin_db: float = gate.MARGIN_DB, precision: str = "auto") -> EnhanceResult:
+    """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S).
+
+    ``self_check`` (default: the recipe's) gates the model by a zero-shot split of the measured lines
+    (single coil); where it declines, the zero-filled image comes back. ``adapt`` fine-tunes a copy of the
+    network on the same kind of split first (single coil)."""
     t0 = time.perf_counter()
     loaded = _resolve_model(model, "recon")
     recipe = loaded.recipe
@@ -321,7 +419,7 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
     mask = _kspace_mask(data)
     k = torch.from_numpy(np.asarray(data.kspace, np.complex64))
     multicoil = k.ndim == 4
-    runner = _Runner(loaded, steps, samples, seed)
+    runner = _Runner(loaded, steps, samples, seed, precision)
     batch = 1 if multicoil else slices_per_batch(batch_slices, recipe.enhance.batch_slices, k.shape[-2] * k.shape[-1])
 
     def operator_for(s: int) -> FourierUndersampling:
@@ -330,9 +428,18 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         return FourierUndersampling(mask, sens_maps=espirit_maps(data.kspace[s]))
 
     scale = measurement_scale("recon", k, coil_dim=1 if multicoil else None)
+    adapt_metrics: dict[str, float] = {}
+    if adapt and not multicoil:
+        seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(int(np.prod(k.shape)))
+        loaded, report = adaptation.adapt_kspace(loaded, k / scale, mask, seconds, seed)
+        runner = _Runner(loaded, steps, samples, seed, precision)
+        adapt_metrics = report.metrics()
+    check = recipe.enhance.self_check if self_check is None else self_check
+    decision = _recon_gate(runner, k / scale, mask, gate_margin_db, seed) if check and not multicoil else gate.off()
+    weight = decision.weight
     n = k.shape[0]
     shp = (n, *k.shape[-2:])
-    enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))
+    enhanced, baseline, residual, candidate = (np.empty(shp, np.float32) for _ in range(4))
     uncertainty = np.empty(shp, np.float32) if samples > 1 else None
     dc_num = dc_den = 0.0
     for start in range(0, n, batch):
@@ -340,6 +447,9 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         op = operator_for(index[0])
         y = k[index] / scale
         res = runner.run(op, y, stack_y=k / scale, index=index)
+        zf = op.pinv(y)
+        candidate[index] = (zf + decision.candidate_weight * (res.mean - zf)).abs().cpu().numpy() * scale
+        res.mean = zf + weight * (res.mean - zf)  # measured samples are unchanged (hard DC on both)
         dc_res = y - op.A(res.mean)
         dc_num += float((dc_res.abs().double() ** 2).sum())
         dc_den += float((y.abs().double() ** 2).sum())
@@ -362,6 +472,9 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         "network_evals": float(runner.steps),
         "samples": float(samples),
         "acceleration": float(mask.size / max(mask.sum(), 1.0)),
+        "residual_weight": float(weight),
+        **decision.metrics(),
+        **adapt_metrics,
         "seconds": time.perf_counter() - t0,
     }
     return EnhanceResult(
@@ -370,4 +483,5 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         residual=vol(residual, "medidiff data-consistency residual"),
         baseline=vol(baseline, "zero-filled (before)"),
         metrics=metrics,
+        candidate=vol(candidate, "gate candidate") if check and not multicoil else None,
     )

@@ -26,6 +26,10 @@ class EnhanceSettings:
     models: tuple[str, ...] = ()  # checkpoint folders / shipped names; each replaces its task's default
     seed: int = 0
     decode_timeout_s: float = 300.0
+    adapt: bool = False  # fine-tune a copy of the model on each scan first (medidiff.pipeline.adapt)
+    adapt_seconds: float | None = None  # its time box (None: scaled by the scan size)
+    gate: bool = True  # the do-no-harm gate (medidiff.pipeline.gate)
+    precision: str = "auto"  # network arithmetic: auto (bf16 where native) | fp32 | bf16
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -36,11 +40,24 @@ class EnhanceSettings:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.adapt_seconds is not None and self.adapt_seconds <= 0:
+            raise ValueError(f"adapt_seconds must be > 0, got {self.adapt_seconds}")
+
+    def enhance_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``enhance_volume`` / ``enhance_kspace`` set by these settings."""
+        return {"adapt": self.adapt, "adapt_seconds": self.adapt_seconds,
+                "self_check": None if self.gate else False, "precision": self.precision}
 
     def fingerprint_params(self) -> dict[str, Any]:
         """The settings that change outputs (the decode timeout does not)."""
         params = asdict(self)
         params.pop("decode_timeout_s")
+        defaults = {"adapt": False, "adapt_seconds": None, "gate": True, "precision": "auto"}
+        for key, value in defaults.items():  # at their defaults they leave earlier fingerprints unchanged
+            if params[key] == value:
+                params.pop(key)
         return params
 
 

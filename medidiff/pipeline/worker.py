@@ -112,6 +112,7 @@ def process_scan(
                 samples=settings.samples,
                 seed=seed,
                 progress=progress,
+                **settings.enhance_options(),
             )
             source_volume = None
             planes = {"slice_axis": -1}
@@ -124,6 +125,7 @@ def process_scan(
                 samples=settings.samples,
                 seed=seed,
                 progress=progress,
+                **settings.enhance_options(),
             )
             source_volume = data if data.meta.get("dicom_header") is not None else None
             planes = (
@@ -137,6 +139,8 @@ def process_scan(
         entry["metrics"] = {  # strict JSON: a non-finite metric is stored as null
             k: (float(v) if np.isfinite(float(v)) else None) for k, v in metrics.items() if _is_number(v)
         }
+        # the gate's decision and reason are words, not numbers: kept beside the metrics for the report
+        entry.update({k: str(metrics[k]) for k in ("gate_decision", "gate_reason") if k in metrics})
         entry["trust"] = {**trust.info, "verdict": scan_verdict(metrics, entry)}
         entry["status"] = "done"
     except Exception as exc:  # noqa: BLE001 - a broken scan is recorded and the batch goes on

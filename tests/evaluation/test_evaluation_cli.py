@@ -90,7 +90,7 @@ def test_evaluate_sr_writes_tables_figures_and_an_mlflow_run(tmp_path: Path) -> 
     diffusion_dir, unet_dir = _tiny_models(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = _run(["evaluate", "--data", str(data), "--task", "sr", "--steps", "1",
-                "--model", str(diffusion_dir), "--unet", str(unet_dir),
+                "--model", str(diffusion_dir), "--unet", str(unet_dir), "--no-adapt-variant",
                 "--out", str(out), "--tracking-uri", uri], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "| sinc |" in res.stdout and "| medidiff-1 |" in res.stdout  # the Markdown table is printed
@@ -109,7 +109,8 @@ def test_evaluate_sr_writes_tables_figures_and_an_mlflow_run(tmp_path: Path) -> 
     assert float(summary[0]["psnr"]) == pytest.approx(mean_sinc)
     assert "## Mean over scans" in (out / "report.md").read_text()
     assert "## Targets" in (out / "report.md").read_text()
-    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["psnr_per_scan.png", "scan_a.png", "scan_b.png"]
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["gate_scatter.png", "psnr_per_scan.png",
+                                                                   "scan_a.png", "scan_b.png"]
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -1,0 +1,163 @@
+"""The do-no-harm gate (a model made to hurt falls back to the classical image) and per-scan adaptation
+(time box, never touching the shipped weights)."""
+
+import hashlib
+import time
+from pathlib import Path
+
+import nibabel as nib
+import nilearn
+import numpy as np
+import pytest
+import torch
+
+from medidiff.io import Volume
+from medidiff.models import build_model, default_model, load_model, save_checkpoint
+from medidiff.models.checkpoint import weights_dir
+from medidiff.physics.operators import KSpaceTruncation
+from medidiff.physics.simulate import simulate_sr
+from medidiff.pipeline import gate
+from medidiff.pipeline.adapt import adapt_images
+from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+from medidiff.recipe import load_recipe, with_overrides
+
+SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
+MNI = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: time boxes are measured on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def block() -> Volume:
+    """A 64 x 64 x 4 block of real anatomy (the MNI152 T1) and its in-plane x2 simulation."""
+    img = nib.load(str(MNI))
+    arr = np.asarray(img.dataobj, np.float32)[60:124, 80:144, 90:94]
+    return Volume(np.ascontiguousarray(arr), img.affine)
+
+
+@pytest.fixture(scope="module")
+def harmful(tmp_path_factory):
+    """A tiny DiffusionModelUNet with large random weights: its output is structured noise."""
+    recipe = with_overrides(load_recipe(SMOKE), task={"kind": "sr", "factor": 2}, model={"neighbours": 0})
+    torch.manual_seed(0)
+    net = build_model(recipe)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return load_model(save_checkpoint(tmp_path_factory.mktemp("harm") / "m", net, recipe))
+
+
+def test_cross_fit_known_values():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(2, 64, 64, generator=g)
+    w, pred, lower, fitted = gate.cross_fit(0.5 * e, e)  # the residual is half the truth: weight 1, gain 6 dB
+    assert w == pytest.approx(1.0) and fitted == pytest.approx(1.0)
+    assert pred == pytest.approx(10 * np.log10(4.0), abs=1e-6) and lower == pytest.approx(pred, abs=1e-6)
+    noise = torch.randn(2, 64, 64, generator=g)  # uncorrelated: no held-out gain, declined
+    decision = gate.decide(noise, e)
+    assert decision.weight == 0.0 and decision.predicted_gain_db < 0.05
+    assert decision.reason.startswith(gate.DECLINED)
+
+
+def test_edge_snr_sees_a_noise_floor():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 64, 64))
+    assert gate.edge_snr(noise, (1, 2)) == pytest.approx(1.0, rel=0.3)
+    yy, xx = np.mgrid[:64, :64]
+    sharp = (((yy - 32) ** 2 + (xx - 32) ** 2) < 400).astype(float)[None].repeat(2, 0)
+    assert gate.edge_snr(sharp + 0.001 * rng.standard_normal((2, 64, 64)), (1, 2)) > 10
+
+
+def test_a_model_made_to_hurt_returns_the_classical_image(block, harmful):
+    lr, ref = simulate_sr(block, 2, axis="inplane", seed=0)
+    res = enhance_volume(lr, task="sr", model=harmful, seed=0)
+    assert np.array_equal(res.enhanced.array, res.baseline.array)
+    assert res.metrics["gate_decision"] == "classical" and res.metrics["residual_weight"] == 0.0
+    assert res.metrics["gate_reason"].startswith(gate.DECLINED)
+    # without the gate the same model does harm: the candidate it would have added is worse than sinc
+    off = enhance_volume(lr, task="sr", model=harmful, seed=0, self_check=False)
+    err_base = float(np.mean((res.baseline.array - ref.array) ** 2))
+    assert float(np.mean((off.enhanced.array - ref.array) ** 2)) > err_base
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_adaptation_respects_its_time_box_and_leaves_the_model_alone(block, harmful):
+    op = KSpaceTruncation(2)
+    refs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block.array, 2, 0))) / float(block.array.max())
+    before = {k: v.clone() for k, v in harmful.net.state_dict().items()}
+    t0 = time.perf_counter()
+    adapted, report = adapt_images(harmful, op, refs, (2, 2), seconds=10.0, seed=0)
+    spent = time.perf_counter() - t0
+    assert report.steps > 0 and abs(spent - 10.0) < 3.0 and report.seconds == pytest.approx(spent, abs=0.5)
+    assert np.isfinite(report.loss_before) and np.isfinite(report.loss_after)
+    assert all(torch.equal(before[k], v) for k, v in harmful.net.state_dict().items())
+    if report.kept:
+        assert adapted.net is not harmful.net and report.gain_after_db >= report.gain_before_db
+
+
+def test_adapt_never_writes_the_shipped_weights(block):
+    path = weights_dir() / "sr_x2" / "model.safetensors"
+    digest = _sha256(path)
+    model = default_model("sr")
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    lr, _ = simulate_sr(block, 2, axis="inplane", seed=0)
+    res = enhance_volume(lr, task="sr", model=model, adapt=True, adapt_seconds=3.0, seed=0)
+    assert res.metrics["adapt_steps"] >= 0 and "adapt_gain_after_db" in res.metrics
+    assert _sha256(path) == digest
+    assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items())
+
+
+def test_a_reconstruction_model_made_to_hurt_returns_zero_filling(block, tmp_path):
+    from medidiff.physics.simulate import simulate_recon
+
+    recipe = with_overrides(load_recipe(SMOKE), task={"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08},
+                            model={"neighbours": 0})
+    torch.manual_seed(0)
+    net = build_model(recipe)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    model = load_model(save_checkpoint(tmp_path / "m", net, recipe))
+    data, _ref = simulate_recon(block, 4.0, 0.08, "equispaced", 1, 0)
+    res = enhance_kspace(data, model=model, seed=0)
+    assert np.allclose(res.enhanced.array, res.baseline.array, atol=1e-6 * float(res.baseline.array.max()))
+    assert res.metrics["gate_decision"] == "classical" and res.metrics["gate_reason"].startswith(gate.DECLINED)
+
+
+def test_settings_carry_adapt_and_gate_without_changing_default_fingerprints():
+    from medidiff.pipeline.settings import EnhanceSettings
+
+    plain = EnhanceSettings(task="sr")
+    assert "adapt" not in plain.fingerprint_params() and "gate" not in plain.fingerprint_params()
+    assert "precision" not in plain.fingerprint_params()
+    assert plain.enhance_options() == {"adapt": False, "adapt_seconds": None, "self_check": None,
+                                       "precision": "auto"}
+    custom = EnhanceSettings(task="sr", adapt=True, adapt_seconds=5.0, gate=False, precision="fp32")
+    assert custom.fingerprint_params()["adapt"] is True and custom.fingerprint_params()["precision"] == "fp32"
+    assert custom.enhance_options() == {"adapt": True, "adapt_seconds": 5.0, "self_check": False,
+                                        "precision": "fp32"}
+    with pytest.raises(ValueError):
+        EnhanceSettings(adapt_seconds=0.0)
+    with pytest.raises(ValueError):
+        EnhanceSettings(precision="fp16")
+
+
+def test_an_adapted_network_is_used_only_where_the_original_check_passes_too():
+    yes = gate.GateDecision(0.8, 1.0, 0.6, 0.8, 10.0, gate.ENHANCED, 0.8)
+    big = gate.GateDecision(1.0, 8.0, 6.0, 1.0, 10.0, gate.ENHANCED, 1.0)
+    no = gate.GateDecision(0.0, 0.4, -0.3, 0.7, 10.0, f"{gate.DECLINED} (lower bound)", 0.7)
+    assert gate.combine(no, big).weight == 0.0 and "before adaptation" in gate.combine(no, big).reason
+    assert gate.combine(yes, big).weight == pytest.approx(0.8)
+    assert gate.combine(yes, no).weight == 0.0
