@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 import medidiff
-from medidiff.diffusion.config import load_recipe
+from medidiff.recipe import load_recipe
 
 
 def recipe_path(recipe: str | os.PathLike[str]) -> Path:

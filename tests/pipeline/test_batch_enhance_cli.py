@@ -39,8 +39,9 @@ def _smoke_checkpoint(directory: Path, task: str) -> Path:
     """
     import torch
 
-    from medidiff.diffusion.config import DiffusionConfig, EnhanceConfig, ModelConfig, Recipe, TaskConfig
     from medidiff.models import build_model, save_checkpoint
+    from medidiff.recipe import DiffusionConfig, EnhanceConfig, ModelConfig, Recipe
+    from medidiff.tasks import TaskConfig
 
     torch.manual_seed(0)
     recipe = Recipe(
