@@ -131,7 +131,8 @@ def psnr_chart(rows: Sequence[dict], methods: Sequence[str], title: str):
 
     scans = list(dict.fromkeys(r["scan"] for r in rows))
     value = {(r["scan"], r["method"]): r["psnr"] for r in rows if "psnr" in r and math.isfinite(r["psnr"])}
-    fig = Figure(figsize=(max(4.0, 1.2 * len(scans) * max(1, len(methods)) / 3 + 2), 3.2), layout="constrained")
+    width = max(4.0, 1.2 * len(scans) * max(1, len(methods)) / 3 + 2)
+    fig = Figure(figsize=(width, 3.2), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
@@ -158,7 +159,7 @@ def _deltas(rows: Sequence[dict], method: str, baseline: str) -> list[float]:
 CLASSICAL = {"sr": ("sinc", "bicubic"), "sr_thick": ("linear", "cubic"), "recon": ("zero-filled", "cs")}
 SR_TARGET_DB = {"sr": 1.0, "sr_thick": 1.5}
 FALLBACK = {"recon": "zero-filled"}  # where the gate's fallback is not the better classical method
-MAX_CASE_FIGURES = 8
+MAX_CASE_FIGURES = 4  # per-case comparison figures kept in a report (evenly spread over the cases)
 HARM_DB = -0.1  # no case may lose more than this against the better classical method
 
 
@@ -168,7 +169,8 @@ def add_classical_deltas(task: str, rows: list[dict]) -> None:
     for r in rows:
         if r["method"] in CLASSICAL.get(task, ()) and "psnr" in r and math.isfinite(r["psnr"]):
             best[r["scan"]] = max(best.get(r["scan"], -math.inf), float(r["psnr"]))
-    fallback = {r["scan"]: float(r["psnr"]) for r in rows if r["method"] == FALLBACK.get(task) and "psnr" in r}
+    fallback = {r["scan"]: float(r["psnr"]) for r in rows
+                if r["method"] == FALLBACK.get(task) and "psnr" in r}
     for r in rows:
         if r["method"] not in CLASSICAL.get(task, ()) and "psnr" in r and r["scan"] in best:
             r["delta_vs_classical_db"] = float(r["psnr"]) - best[r["scan"]]
@@ -184,7 +186,8 @@ def delta_table(rows: Sequence[dict], methods: Sequence[str], task: str = "") ->
     body = []
     for m in methods:
         d = [(r["delta_vs_classical_db"], r["scan"]) for r in rows
-             if r["method"] == m and "delta_vs_classical_db" in r and math.isfinite(r["delta_vs_classical_db"])]
+             if r["method"] == m and "delta_vs_classical_db" in r
+             and math.isfinite(r["delta_vs_classical_db"])]
         if not d:
             continue
         vals = np.array([v for v, _ in d])
@@ -308,7 +311,9 @@ def write_report(
     notes: Sequence[str] = (),
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``report.md``, ``summary.csv``, ``per_scan.csv`` and ``figures/<scan>.png``; return their paths."""
+    """Write ``report.md``, ``summary.csv``, ``per_scan.csv`` and ``figures/<scan>.png``.
+
+    Returns their paths."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]
@@ -331,7 +336,7 @@ def write_report(
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in scan)
         path = out / "figures" / f"{safe}.png"
         with atomic.atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=72, format="png")
         figures.append(path)
     methods = [r["method"] for r in summary]
     if points:
@@ -352,9 +357,10 @@ def write_report(
     if gate_lines:
         parts += ["## Do-no-harm gate", "", "![gate scatter](figures/gate_scatter.png)", "",
                   *[f"- {g}" for g in gate_lines], "",
-                  ("Predicted gain: the cross-fitted gain of the model's residual on the scan's own self-check "
-                   "pairs (the gate decides on its worst fold); actual gain: PSNR of the candidate the gate "
-                   "weighed (classical image + candidate weight × model residual) minus the classical image's, "
+                  ("Predicted gain: the cross-fitted gain of the model's residual on the scan's own "
+                   "self-check pairs (the gate decides on its worst fold); actual gain: PSNR of the candidate "
+                   "the gate weighed (classical image + candidate weight × model residual) minus the classical "
+                   "image's, "
                    "against the reference. Per-case numbers are in per_scan.csv (gate_* and actual_gain_db "
                    "columns)."), ""]
     parts += ["## Mean over scans", "", mean_md, ""]
