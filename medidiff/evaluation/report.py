@@ -358,11 +358,10 @@ def write_report(
         parts += ["## Do-no-harm gate", "", "![gate scatter](figures/gate_scatter.png)", "",
                   *[f"- {g}" for g in gate_lines], "",
                   ("Predicted gain: the cross-fitted gain of the model's residual on the scan's own "
-                   "self-check pairs (the gate decides on its worst fold); actual gain: PSNR of the candidate "
-                   "the gate weighed (classical image + candidate weight × model residual) minus the classical "
-                   "image's, "
-                   "against the reference. Per-case numbers are in per_scan.csv (gate_* and actual_gain_db "
-                   "columns)."), ""]
+                   "self-check pairs (the gate decides on its worst fold); actual gain: PSNR of the "
+                   "candidate the gate weighed (classical image + candidate weight × model residual) minus "
+                   "the classical image's, against the reference. Per-case numbers are in per_scan.csv "
+                   "(gate_* and actual_gain_db columns)."), ""]
     parts += ["## Mean over scans", "", mean_md, ""]
     if checks:
         parts += ["## Targets", "", *[f"- {c}" for c in checks], ""]
