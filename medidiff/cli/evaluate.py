@@ -31,8 +31,16 @@ def evaluate(
     task: str = typer.Option(..., "--task", help="sr (in-plane super-resolution), sr_thick (through-plane x4) "
                              "or recon (undersampled k-space)."),
     panel: str = typer.Option("heldout", "--panel", help="With --data shipped: 'heldout' (the held-out real "
-                              "slices) or 'ood' (held-out natural images and phantom with Rician MR noise, and "
-                              "held-out real slices resampled to 0.3 mm and 2 mm pixels)."),
+                              "slices), 'ood' (held-out natural images and phantom with Rician MR noise, and "
+                              "held-out real slices resampled to 0.3 mm and 2 mm pixels), 'lesions' (lesions "
+                              "planted in held-out scans: contrast kept, CNR, invented blobs, flag precision/"
+                              "recall; sr or recon) or 'trust' (lesions plus calibration of the uncertainty "
+                              "against --samples)."),
+    samples: str = typer.Option("4", "--samples", help="--panel trust: K values to calibrate, e.g. 2,4,8 "
+                                "(each costs K x the time)."),
+    save_calibration: int | None = typer.Option(None, "--save-calibration", help="--panel trust: write the "
+                                                "calibration made with this K into the model's folder "
+                                                "(calibration.json beside config.json)."),
     max_slices: int = typer.Option(8, "--max-slices", help="With --data shipped: at most this many slices per "
                                    "volume, evenly spread (0: all)."),
     adapt_variant: bool = typer.Option(True, "--adapt-variant/--no-adapt-variant", help="Also run medidiff "
@@ -74,8 +82,11 @@ def evaluate(
     err = Console(stderr=True)
     if task not in ("sr", "sr_thick", "recon"):
         raise typer.BadParameter(f"--task must be 'sr', 'sr_thick' or 'recon', got {task!r}")
-    if panel not in ("heldout", "ood"):
-        raise typer.BadParameter(f"--panel must be 'heldout' or 'ood', got {panel!r}")
+    if panel not in ("heldout", "ood", "lesions", "trust"):
+        raise typer.BadParameter(f"--panel must be 'heldout', 'ood', 'lesions' or 'trust', got {panel!r}")
+    if panel in ("lesions", "trust"):
+        _trust(err, task, panel, model, out, samples, save_calibration, seed)
+        return
     try:
         step_list = [int(s) for s in _split(steps)]
     except ValueError:
@@ -88,6 +99,25 @@ def evaluate(
     rows, outputs = _run(err, cases, method_objs)
     _report(err, out, data, task, cases, method_objs, rows, outputs, notes, step_list, seed, device,
             tracking_uri, tracking)
+
+
+def _trust(err: Console, task: str, panel: str, model: str | None, out: str, samples: str,
+           save_calibration: int | None, seed: int) -> None:
+    """The lesion panel (and, for 'trust', the calibration against K) for the sr or recon model."""
+    from medidiff.cli.trust import run_trust_panels
+    from medidiff.models import default_model, load_model
+
+    if task not in ("sr", "recon"):
+        raise typer.BadParameter(f"--panel {panel} covers --task sr and recon, got {task!r}")
+    try:
+        ks = [int(s) for s in _split(samples)]
+    except ValueError:
+        raise typer.BadParameter(f"--samples must be integers like 2,4,8, got {samples!r}") from None
+    loaded = load_model(model) if model else default_model(task)
+    command = "medidiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run_trust_panels(loaded, task, Path(out), samples=ks, save_k=save_calibration,
+                              lesions_only=panel == "lesions", seed=seed, command=command)
+    err.print(f"report: {report}")
 
 
 def _prepare(err: Console, data: str, task: str, max_scans: int | None, methods: list[str] | None, seed: int,
