@@ -31,7 +31,7 @@ fuzz: install
 	MEDIDIFF_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests/io/test_io_fuzz.py
 
 lint: install
-	$(BIN)/ruff check medidiff tests
+	$(BIN)/ruff check medidiff tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info
