@@ -29,8 +29,8 @@ DEMO_SEED = 20261126
 
 def _crop_centre(vol: Any, shape: tuple[int, int, int]) -> Any:
     """Central crop of a Volume (affine shifted so world positions are kept)."""
-    starts = [max(0, (s - c) // 2) for s, c in zip(vol.shape, shape)]
-    sl = tuple(slice(st, st + c) for st, c in zip(starts, shape))
+    starts = [max(0, (s - c) // 2) for s, c in zip(vol.shape, shape, strict=False)]
+    sl = tuple(slice(st, st + c) for st, c in zip(starts, shape, strict=False))
     affine = vol.affine.copy()
     affine[:3, 3] = vol.affine[:3, :3] @ np.asarray(starts, dtype=float) + vol.affine[:3, 3]
     return vol.with_array(np.ascontiguousarray(vol.array[sl]), affine)
@@ -219,8 +219,13 @@ def demo(
     table = Table(title="demo: metrics against the references (before = operator back-projection)")
     for col in ("case", "task", "PSNR before", "PSNR after", "SSIM before", "SSIM after", "status"):
         table.add_column(col)
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"
-    fmt4 = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
+
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else "-"
+
+    def fmt4(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
     for r in rows:
         table.add_row(
             r["case"],

@@ -224,7 +224,10 @@ def _reliability_figure(curve: Sequence[dict], path: Path, title: str) -> None:
 
 
 def _calibration_markdown(s: dict[str, Any]) -> str:
-    ok = lambda b: "PASS" if b else "FAIL"
+
+    def ok(b: Any) -> str:
+        return "PASS" if b else "FAIL"
+
     lines = [
         f"### Calibrated uncertainty: {s['task']}, K = {s['samples_k']}",
         "",
@@ -330,7 +333,10 @@ def lesion_panel(
 
 def _lesion_markdown(kind: str, panel: dict[str, Any]) -> str:
     s = panel["summary"]
-    ok = lambda b: "PASS" if b else "FAIL"
+
+    def ok(b: Any) -> str:
+        return "PASS" if b else "FAIL"
+
     lines = [
         f"### Lesion panel: {kind}",
         "",

@@ -79,14 +79,14 @@ def training_curves(
     rows = (len(names) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         baseline = f"{name}_baseline"
         for i, (_, run) in enumerate(runs.iterrows()):
             label = f"{run['run_name'] or ''} ({run['run_id'][:8]})"
             for key, style, suffix in ((name, "-", ""), (baseline, "--", " baseline")):
                 history = metric_history(run["run_id"], key, tracking_uri=tracking_uri) if key in available else []
                 if history:
-                    steps, values = zip(*history)
+                    steps, values = zip(*history, strict=True)
                     ax.plot(steps, values, style, color=f"C{i}", marker="." if len(steps) < 30 else None,
                             label=label + suffix)
         ax.set_title(name + (" (dashed: degraded baseline)" if baseline in available else ""), fontsize=9)

@@ -51,7 +51,7 @@ def test_first_batch_is_seeded(kind):
     a = s.batch(3, torch.Generator().manual_seed(5))
     b = s.batch(3, torch.Generator().manual_seed(5))
     c = s.batch(3, torch.Generator().manual_seed(6))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     other_seed = MixtureSampler(_recipe(kind, seed=1)).batch(3, torch.Generator().manual_seed(5))
     assert not torch.equal(a[0], other_seed[0])  # data.seed changes the images too

@@ -49,7 +49,10 @@ def _result(with_hallucination: bool, samples: int = 2) -> EnhanceResult:
         box[30:50, 30:50] = True
         enhanced += (texture * box)[..., None].astype(np.float32)
     std = np.full(base.shape, 2.0, np.float32) * (base > 10)
-    vol = lambda a, d: Volume(np.asarray(a, np.float32), AFFINE, {"description": d})
+
+    def vol(a: np.ndarray, d: str) -> Volume:
+        return Volume(np.asarray(a, np.float32), AFFINE, {"description": d})
+
     return EnhanceResult(
         enhanced=vol(enhanced, "enhanced"),
         uncertainty=vol(std, "std") if samples > 1 else None,
