@@ -10,7 +10,8 @@ held out and predicted from the rest. The weight ``w`` of the model's residual o
 (``classical + w (model - classical)``) is cross-fitted on tiles of those pairs and the model is used only
 when the held-out gain's lower bound clears a margin (and, for SR, when the measured spectrum's edge is
 above the noise floor); otherwise the classical image comes back unchanged and the metrics say why
-(``gate_decision``, ``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay data-consistent.
+(``gate_decision``, ``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay
+data-consistent.
 ``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`).
 
 Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i``
