@@ -22,7 +22,10 @@ from rich.table import Table
 from medidiff.cli.root import app
 
 DEMO_MARK = ".medidiff-demo"
-"""File that marks a folder as a demo folder: only such a folder's input/, output/, reference/ are ever removed."""
+"""File that marks a folder as a demo folder.
+
+Only such a folder's input/, output/, reference/ are ever removed.
+"""
 
 DEMO_SEED = 20261126
 
@@ -153,9 +156,9 @@ def demo_metrics(root: Path, cases: list[dict[str, str]], manifest: dict[str, An
 @app.command(
     "demo",
     help="Run the main job end to end on shipped real data: simulate degraded scans (in-plane SR x2, thick "
-    "slices, k-space x4, a DICOM series) into OUT/input, enhance them with the shipped models into OUT/output, "
-    "write OUT/output/report.html and print metrics against the references in OUT/reference. Rerunning "
-    "resumes (finished scans are skipped); --fresh rebuilds everything.",
+    "slices, k-space x4, a DICOM series) into OUT/input, enhance them with the shipped models into "
+    "OUT/output, write OUT/output/report.html and print metrics against the references in OUT/reference. "
+    "Rerunning resumes (finished scans are skipped); --fresh rebuilds everything.",
 )
 def demo(
     out: Path = typer.Option(
@@ -180,8 +183,13 @@ def demo(
     console = Console(stderr=True)
     out = out.resolve()
     cases_file = out / "reference" / "cases.json"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DEMO_MARK).exists() and not cases_file.exists())):
-        console.print(f"[red]error:[/red] {out}: not a demo folder (it holds other files); choose a new folder")
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not (out / DEMO_MARK).exists() and not cases_file.exists())
+    ):
+        console.print(
+            f"[red]error:[/red] {out}: not a demo folder (it holds other files); choose a new folder"
+        )
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).touch()
