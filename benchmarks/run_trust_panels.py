@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# medidiff trust panels: {args.task} ({model.name})",
         "",
         "```",
-        f"python benchmarks/run_trust_panels.py --task {args.task} --samples {' '.join(map(str, args.samples))}"
+        f"python benchmarks/run_trust_panels.py --task {args.task} "
+        f"--samples {' '.join(map(str, args.samples))}"
         + (f" --save-k {args.save_k}" if args.save_k else ""),
         "```",
         "",
