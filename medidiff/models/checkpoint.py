@@ -81,7 +81,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, 
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                       str(tmp / "train_state.safetensors"))
         config = {
-            "format": "medidiff-checkpoint/1", "package_version": __version__, "recipe": cfg.to_dict(), **extra
+            "format": "medidiff-checkpoint/1", "package_version": __version__, "recipe": cfg.to_dict(),
+            **extra,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     return directory
