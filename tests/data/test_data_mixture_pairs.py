@@ -29,7 +29,8 @@ def test_recipe_names_the_sources_the_mixture_draws_from():
     assert MIXTURE_SOURCES == SOURCES
 
 
-@pytest.mark.parametrize("mixture, message", [({"brain": 1.0}, "unknown source"), ({"synthetic": -1.0}, ">= 0"),
+@pytest.mark.parametrize("mixture, message", [({"brain": 1.0}, "unknown source"),
+                                              ({"synthetic": -1.0}, ">= 0"),
                                               ({"synthetic": 0.0}, "at least one")])
 def test_bad_mixture_named(tmp_path, mixture, message):
     p = tmp_path / "bad.yaml"
