@@ -52,11 +52,11 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: synthetic cohort, shipped real training volumes (never the evaluation set) and the user's
-    own scans (every scan ``medidiff.io.discover`` finds under ``folders``; relative paths resolve against the
-    current working directory) — or, with ``mixture``, pairs made on the fly from the training-image mixture
-    (``medidiff.data.mixture``; the cohort/volume fields then do not apply). Validation always uses the fixed
-    held-out synthetic slices (``val_subjects``, ``val_slices``)."""
+    """Training data: synthetic cohort, shipped real training volumes (never the evaluation set) and the
+    user's own scans (every scan ``medidiff.io.discover`` finds under ``folders``; relative paths resolve
+    against the current working directory) — or, with ``mixture``, pairs made on the fly from the
+    training-image mixture (``medidiff.data.mixture``; the cohort/volume fields then do not apply).
+    Validation always uses the fixed held-out synthetic slices (``val_subjects``, ``val_slices``)."""
 
     synthetic_subjects: int = 8
     real_training: bool = True
@@ -161,7 +161,8 @@ def _check_type(value: Any, tp: Any, where: str, src: str, allow_empty: bool = F
     if origin is tuple:
         (inner, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or not (value or allow_empty):
-            raise RecipeError(f"{src}: {where} must be a {'' if allow_empty else 'non-empty '}list, got {value!r}")
+            kind = "list" if allow_empty else "non-empty list"
+            raise RecipeError(f"{src}: {where} must be a {kind}, got {value!r}")
         return tuple(_check_type(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -193,7 +194,9 @@ def _check_type(value: Any, tp: Any, where: str, src: str, allow_empty: bool = F
 
 def _build(cls: type, data: Any, where: str, src: str) -> Any:
     if not isinstance(data, dict):
-        raise RecipeError(f"{src}: {where or 'the recipe'} must be a mapping of keys, got {type(data).__name__}")
+        raise RecipeError(
+            f"{src}: {where or 'the recipe'} must be a mapping of keys, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
@@ -208,7 +211,8 @@ def _build(cls: type, data: Any, where: str, src: str) -> Any:
 
 def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
     """Check value ranges and combinations that cannot work together; return the recipe."""
-    t, m, d, da, tr, en = recipe.task, recipe.model, recipe.diffusion, recipe.data, recipe.train, recipe.enhance
+    t, m, d = recipe.task, recipe.model, recipe.diffusion
+    da, tr, en = recipe.data, recipe.train, recipe.enhance
     problems: list[str] = []
     if t.kind in ("sr", "sr_thick") and t.factor < 2:
         problems.append(f"task.factor must be >= 2 for {t.kind}, got {t.factor}")
@@ -221,7 +225,9 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
     if d.dc == "prox" and t.noise_sigma == 0:
         problems.append("diffusion.dc 'prox' needs task.noise_sigma > 0 (noiseless data takes dc: hard)")
     if d.scheduler == "rflow" and d.prediction_type == "epsilon":
-        problems.append("diffusion.scheduler 'rflow' cannot use prediction_type 'epsilon' (use sample or v_prediction)")
+        problems.append(
+            "diffusion.scheduler 'rflow' cannot use prediction_type 'epsilon' (use sample or v_prediction)"
+        )
     if not 1 <= d.steps <= d.train_timesteps:
         problems.append(f"diffusion.steps must be in [1, train_timesteps={d.train_timesteps}], got {d.steps}")
     if not 0 < d.strength <= 1:
@@ -230,13 +236,15 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
         problems.append(f"diffusion.train_t_max must be in (0, 1], got {d.train_t_max}")
     if d.train_t_max < d.strength:
         problems.append(
-            f"diffusion.train_t_max ({d.train_t_max}) < strength ({d.strength}): sampling would start at noise "
-            "levels the model never saw"
+            f"diffusion.train_t_max ({d.train_t_max}) < strength ({d.strength}): sampling would start at "
+            "noise levels the model never saw"
         )
     if d.schedule == "cosine" and d.scheduler == "rflow":
         problems.append("diffusion.schedule does not apply to rflow; leave it at linear_beta")
     if any(c % m.norm_num_groups for c in m.channels):
-        problems.append(f"model.channels {list(m.channels)} must all be multiples of norm_num_groups={m.norm_num_groups}")
+        problems.append(
+            f"model.channels {list(m.channels)} must all be multiples of norm_num_groups={m.norm_num_groups}"
+        )
     if m.neighbours < 0:
         problems.append(f"model.neighbours must be >= 0, got {m.neighbours}")
     if da.patch_size % recipe.size_multiple:
@@ -254,7 +262,9 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
     if da.mixture:
         unknown = sorted(set(da.mixture) - set(MIXTURE_SOURCES))
         if unknown:
-            problems.append(f"data.mixture: unknown source(s) {unknown} (choose from {list(MIXTURE_SOURCES)})")
+            problems.append(
+                f"data.mixture: unknown source(s) {unknown} (choose from {list(MIXTURE_SOURCES)})"
+            )
         if any(not math.isfinite(w) or w < 0 for w in da.mixture.values()):
             problems.append(f"data.mixture weights must be finite and >= 0, got {da.mixture}")
         elif sum(da.mixture.values()) <= 0:
@@ -288,7 +298,10 @@ def recipe_from_dict(data: dict[str, Any], src: str = "recipe") -> Recipe:
 
 
 def resolve_folder(folder: str) -> Path:
-    """A ``data.folders`` entry as an absolute path (``~`` expanded, relative to the current working directory)."""
+    """A ``data.folders`` entry as an absolute path.
+
+    ``~`` is expanded; relative paths resolve against the current working directory.
+    """
     return Path(folder).expanduser().absolute()
 
 
@@ -320,7 +333,10 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def with_overrides(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:
-    """A copy of the recipe with some fields replaced, e.g. ``with_overrides(r, train={'steps': 5})``; validated."""
+    """A copy of the recipe with some fields replaced; validated.
+
+    E.g. ``with_overrides(r, train={'steps': 5})``.
+    """
     data = recipe.to_dict()
     for name, values in sections.items():
         data[name] = {**data[name], **values}

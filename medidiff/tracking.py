@@ -1,10 +1,10 @@
 """MLflow tracking: the only module that imports mlflow. Everything logged passes the PHI scrubber.
 
-``tracking_run(kind)`` opens one run per job. The store is ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` or a
-local SQLite file ``mlflow.db`` in the working directory; new experiments of a SQLite store keep their artifacts
-in ``mlartifacts/`` beside the database file (not in ``./mlruns`` of the working directory). If the server
-cannot be reached (or mlflow is not installed) the job goes on with a no-op tracker after one warning; a
-failure mid-run does the same.
+``tracking_run(kind)`` opens one run per job. The store is ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` or
+a local SQLite file ``mlflow.db`` in the working directory; new experiments of a SQLite store keep their
+artifacts in ``mlartifacts/`` beside the database file (not in ``./mlruns`` of the working directory). If
+the server cannot be reached (or mlflow is not installed) the job goes on with a no-op tracker after one
+warning; a failure mid-run does the same.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ _PHI = re.compile(r"patient[\W_]*(name|id|birth[\W_]*date)|accession[\W_]*number
 
 
 def scrub(value: Any) -> Any:
-    """Drop keys and values that look like patient identifiers (PatientName, PatientID, birth date, accession)."""
+    """Drop keys and values that look like patient identifiers.
+
+    PatientName, PatientID, birth date, accession.
+    """
     if isinstance(value, dict):
         return {k: scrub(v) for k, v in value.items() if not _PHI.search(str(k)) and not _looks_phi(v)}
     if isinstance(value, (list, tuple)):
@@ -73,7 +76,9 @@ def _reachable(uri: str) -> str | None:
 
 
 def sqlite_artifact_root(uri: str) -> str | None:
-    """For a ``sqlite:///PATH`` store, ``file://`` URI of the ``mlartifacts/`` folder beside the database, else None.
+    """For a ``sqlite:///PATH`` store, ``file://`` URI of the ``mlartifacts/`` folder beside the database.
+
+    None for any other store.
 
     A relative PATH resolves against the current working directory, as SQLAlchemy does.
     """
@@ -87,7 +92,9 @@ def sqlite_artifact_root(uri: str) -> str | None:
 
 
 def _use_experiment(mlflow_module: Any, name: str, uri: str) -> None:
-    """Make ``name`` the active experiment; a new one in a SQLite store keeps its artifacts beside the database.
+    """Make ``name`` the active experiment.
+
+    A new one in a SQLite store keeps its artifacts beside the database.
 
     Without this MLflow would put them in ``./mlruns`` of whatever the working directory is; experiments that
     already exist keep their artifact location.
@@ -121,8 +128,10 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
             if not self._warned:
-                warnings.warn(f"MLflow tracking at {self.uri} failed ({what}: {exc}); going on without tracking",
-                              stacklevel=3)
+                warnings.warn(
+                    f"MLflow tracking at {self.uri} failed ({what}: {exc}); going on without tracking",
+                    stacklevel=3,
+                )
                 self._warned = True
             self._run = None
             return None
@@ -131,7 +140,10 @@ class Tracker:
         """Log (nested) parameters, flattened with dots."""
         if not self.active:
             return
-        flat = {k: (json.dumps(v) if isinstance(v, (list, tuple)) else v) for k, v in _flatten(scrub(params)).items()}
+        flat = {
+            k: (json.dumps(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in _flatten(scrub(params)).items()
+        }
         self._call("log_params", self._mlflow.log_params, flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -220,8 +232,11 @@ def tracking_run(kind: str, *, run_name: str | None = None, tracking_uri: str | 
         return
     problem = _reachable(uri)
     if problem is not None:
-        warnings.warn(f"MLflow tracking server {uri} is unreachable ({problem}); medidiff {kind} goes on without tracking",
-                      stacklevel=3)
+        warnings.warn(
+            f"MLflow tracking server {uri} is unreachable ({problem}); "
+            f"medidiff {kind} goes on without tracking",
+            stacklevel=3,
+        )
         yield Tracker()
         return
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

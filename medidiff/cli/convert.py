@@ -57,7 +57,9 @@ def convert(
     for parent in (out.resolve(), *out.resolve().parents):
         if parent.exists():
             if not parent.is_dir():
-                typer.echo(f"error: {out}: cannot create the output folder, {parent} is not a folder", err=True)
+                typer.echo(
+                    f"error: {out}: cannot create the output folder, {parent} is not a folder", err=True
+                )
                 raise typer.Exit(2)
             break
     sources = list(discover(path))
@@ -100,7 +102,9 @@ def convert(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _convert_one(source, out: Path, to: str, name: str, allow_nonfinite: bool = False) -> tuple[Path, list[str]]:
+def _convert_one(
+    source, out: Path, to: str, name: str, allow_nonfinite: bool = False
+) -> tuple[Path, list[str]]:
     """Load one scan and write it; returns the output path and the problems found while loading."""
     from medidiff.io import KSpaceData, write_dicom_series, write_nifti
 

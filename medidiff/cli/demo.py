@@ -22,15 +22,18 @@ from rich.table import Table
 from medidiff.cli.root import app
 
 DEMO_MARK = ".medidiff-demo"
-"""File that marks a folder as a demo folder: only such a folder's input/, output/, reference/ are ever removed."""
+"""File that marks a folder as a demo folder.
+
+Only such a folder's input/, output/, reference/ are ever removed.
+"""
 
 DEMO_SEED = 20261126
 
 
 def _crop_centre(vol: Any, shape: tuple[int, int, int]) -> Any:
     """Central crop of a Volume (affine shifted so world positions are kept)."""
-    starts = [max(0, (s - c) // 2) for s, c in zip(vol.shape, shape)]
-    sl = tuple(slice(st, st + c) for st, c in zip(starts, shape))
+    starts = [max(0, (s - c) // 2) for s, c in zip(vol.shape, shape, strict=False)]
+    sl = tuple(slice(st, st + c) for st, c in zip(starts, shape, strict=False))
     affine = vol.affine.copy()
     affine[:3, 3] = vol.affine[:3, :3] @ np.asarray(starts, dtype=float) + vol.affine[:3, 3]
     return vol.with_array(np.ascontiguousarray(vol.array[sl]), affine)
@@ -153,9 +156,9 @@ def demo_metrics(root: Path, cases: list[dict[str, str]], manifest: dict[str, An
 @app.command(
     "demo",
     help="Run the main job end to end on shipped real data: simulate degraded scans (in-plane SR x2, thick "
-    "slices, k-space x4, a DICOM series) into OUT/input, enhance them with the shipped models into OUT/output, "
-    "write OUT/output/report.html and print metrics against the references in OUT/reference. Rerunning "
-    "resumes (finished scans are skipped); --fresh rebuilds everything.",
+    "slices, k-space x4, a DICOM series) into OUT/input, enhance them with the shipped models into "
+    "OUT/output, write OUT/output/report.html and print metrics against the references in OUT/reference. "
+    "Rerunning resumes (finished scans are skipped); --fresh rebuilds everything.",
 )
 def demo(
     out: Path = typer.Option(
@@ -180,8 +183,13 @@ def demo(
     console = Console(stderr=True)
     out = out.resolve()
     cases_file = out / "reference" / "cases.json"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DEMO_MARK).exists() and not cases_file.exists())):
-        console.print(f"[red]error:[/red] {out}: not a demo folder (it holds other files); choose a new folder")
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not (out / DEMO_MARK).exists() and not cases_file.exists())
+    ):
+        console.print(
+            f"[red]error:[/red] {out}: not a demo folder (it holds other files); choose a new folder"
+        )
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).touch()
@@ -219,8 +227,13 @@ def demo(
     table = Table(title="demo: metrics against the references (before = operator back-projection)")
     for col in ("case", "task", "PSNR before", "PSNR after", "SSIM before", "SSIM after", "status"):
         table.add_column(col)
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "-"
-    fmt4 = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
+
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else "-"
+
+    def fmt4(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
     for r in rows:
         table.add_row(
             r["case"],

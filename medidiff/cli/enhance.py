@@ -51,12 +51,14 @@ def enhance(
         "--factor",
         min=2,
         help="Super-resolution factor you expect (with --task sr or sr_thick). The factor is the model's "
-        "(shipped: in-plane ×2, through-plane ×4); a model for another factor is refused before anything runs.",
+        "(shipped: in-plane ×2, through-plane ×4); a model for another factor is refused before anything "
+        "runs.",
     ),
     model: list[str] | None = typer.Option(
         None,
         "--model",
-        help="Checkpoint folder or shipped model name; replaces the shipped model of the task it was trained for (repeat for several tasks).",
+        help="Checkpoint folder or shipped model name; replaces the shipped model of the task it was "
+        "trained for (repeat for several tasks).",
     ),
     seed: int = typer.Option(
         0, "--seed", help="Batch seed; each scan's seed derives from it and the scan key."
@@ -103,16 +105,19 @@ def enhance(
         False, "--log-paths", help="Log scan keys (paths under IN) to MLflow; by default only their hashes."
     ),
     adapt: bool = typer.Option(
-        False, "--adapt/--no-adapt", help="Fine-tune a copy of the model briefly on pairs made from each scan "
+        False, "--adapt/--no-adapt",
+        help="Fine-tune a copy of the model briefly on pairs made from each scan "
         "first (in-plane SR: the scan degraded once more; through-plane: its sharp in-plane axes; recon: its "
         "measured k-space split in two). The shipped weights are never changed."
     ),
     adapt_seconds: float | None = typer.Option(
-        None, "--adapt-seconds", min=0.1, help="Time box of --adapt per scan (default: 30 s for a 256x256x160 "
+        None, "--adapt-seconds", min=0.1,
+        help="Time box of --adapt per scan (default: 30 s for a 256x256x160 "
         "volume, scaled by the scan size, 3-30 s)."
     ),
     gate: bool = typer.Option(
-        True, "--gate/--no-gate", help="Do-no-harm gate (default on): where the scan's own held-out self-check "
+        True, "--gate/--no-gate",
+        help="Do-no-harm gate (default on): where the scan's own held-out self-check "
         "does not predict a gain, the classical image comes back and the manifest says why."
     ),
     precision: str = typer.Option(

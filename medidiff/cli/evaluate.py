@@ -24,42 +24,73 @@ def _split(text: str | None) -> list[str]:
 
 @app.command("evaluate")
 def evaluate(
-    data: str = typer.Option(..., "--data", help="Folder written by `medidiff simulate` (<stem>_lr.nii.gz or "
-                             "<stem>_kspace.h5 beside <stem>_ref.nii.gz), or 'shipped': every shipped real MR "
-                             "volume no model trained on, each slice a case, degraded on the fly (SR x2 k-space "
-                             "truncation; through-plane x4 slice profile; recon x4 equispaced, 8 % centre)."),
-    task: str = typer.Option(..., "--task", help="sr (in-plane super-resolution), sr_thick (through-plane x4) "
-                             "or recon (undersampled k-space)."),
-    panel: str = typer.Option("heldout", "--panel", help="With --data shipped: 'heldout' (the held-out real "
-                              "slices), 'ood' (held-out natural images and phantom with Rician MR noise, and "
-                              "held-out real slices resampled to 0.3 mm and 2 mm pixels), 'lesions' (lesions "
-                              "planted in held-out scans: contrast kept, CNR, invented blobs, flag precision/"
-                              "recall; sr or recon) or 'trust' (lesions plus calibration of the uncertainty "
-                              "against --samples)."),
-    samples: str = typer.Option("4", "--samples", help="--panel trust: K values to calibrate, e.g. 2,4,8 "
-                                "(each costs K x the time)."),
-    save_calibration: int | None = typer.Option(None, "--save-calibration", help="--panel trust: write the "
-                                                "calibration made with this K into the model's folder "
-                                                "(calibration.json beside config.json)."),
-    max_slices: int = typer.Option(8, "--max-slices", help="With --data shipped: at most this many slices per "
-                                   "volume, evenly spread (0: all)."),
-    adapt_variant: bool = typer.Option(True, "--adapt-variant/--no-adapt-variant", help="Also run medidiff "
-                                       "with per-scan adaptation (--adapt)."),
-    adapt_seconds: float | None = typer.Option(None, "--adapt-seconds", help="Adaptation time box per case "
-                                               "(default: scaled by the scan size, see `medidiff enhance`)."),
-    out: str = typer.Option(..., "--out", help="Report folder: report.md, summary.csv, per_scan.csv, figures/."),
-    methods: str | None = typer.Option(None, "--methods", help="Comma-separated subset. sr: sinc,bicubic,unet,"
-                                          "medidiff; recon: zero-filled,cs,unet,medidiff. Default: all available."),
+    data: str = typer.Option(
+        ..., "--data",
+        help="Folder written by `medidiff simulate` (<stem>_lr.nii.gz or "
+        "<stem>_kspace.h5 beside <stem>_ref.nii.gz), or 'shipped': every shipped real MR "
+        "volume no model trained on, each slice a case, degraded on the fly (SR x2 k-space "
+        "truncation; through-plane x4 slice profile; recon x4 equispaced, 8 % centre).",
+    ),
+    task: str = typer.Option(
+        ..., "--task",
+        help="sr (in-plane super-resolution), sr_thick (through-plane x4) or recon (undersampled k-space).",
+    ),
+    panel: str = typer.Option(
+        "heldout", "--panel",
+        help="With --data shipped: 'heldout' (the held-out real slices), 'ood' (held-out natural images and "
+        "phantom with Rician MR noise, and held-out real slices resampled to 0.3 mm and 2 mm pixels), "
+        "'lesions' (lesions planted in held-out scans: contrast kept, CNR, invented blobs, flag "
+        "precision/recall; sr or recon) or 'trust' (lesions plus calibration of the uncertainty against "
+        "--samples).",
+    ),
+    samples: str = typer.Option(
+        "4", "--samples", help="--panel trust: K values to calibrate, e.g. 2,4,8 (each costs K x the time).",
+    ),
+    save_calibration: int | None = typer.Option(
+        None, "--save-calibration",
+        help="--panel trust: write the calibration made with this K into the model's folder "
+        "(calibration.json beside config.json).",
+    ),
+    max_slices: int = typer.Option(
+        8, "--max-slices",
+        help="With --data shipped: at most this many slices per volume, evenly spread (0: all).",
+    ),
+    adapt_variant: bool = typer.Option(
+        True, "--adapt-variant/--no-adapt-variant",
+        help="Also run medidiff with per-scan adaptation (--adapt).",
+    ),
+    adapt_seconds: float | None = typer.Option(
+        None, "--adapt-seconds",
+        help="Adaptation time box per case (default: scaled by the scan size, see `medidiff enhance`).",
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Report folder: report.md, summary.csv, per_scan.csv, figures/."
+    ),
+    methods: str | None = typer.Option(
+        None, "--methods",
+        help="Comma-separated subset. sr: sinc,bicubic,unet,"
+        "medidiff; recon: zero-filled,cs,unet,medidiff. Default: all available.",
+    ),
     steps: str = typer.Option("4", "--steps", help="medidiff sampling step counts to compare, e.g. 4,10."),
-    model: str | None = typer.Option(None, "--model", help="medidiff model folder or name (default: the "
-                                        "shipped model for the task)."),
-    dc_variant: bool = typer.Option(True, "--dc-variant/--no-dc-variant", help="Also run medidiff without data "
-                                    "consistency (default); --no-dc-variant runs only the DC version."),
-    unet: str | None = typer.Option(None, "--unet", help="Regression U-Net checkpoint folder (default: "
-                                        "medidiff/weights/unet_<task> if shipped)."),
-    cs_lambda: float | None = typer.Option(None, "--cs-lambda", help="Fix the compressed-sensing weight instead "
-                                              "of tuning it on held-in training slices."),
-    cs_iters: int | None = typer.Option(None, "--cs-iters", help="Compressed-sensing iterations (default 100)."),
+    model: str | None = typer.Option(
+        None, "--model", help="medidiff model folder or name (default: the shipped model for the task)."
+    ),
+    dc_variant: bool = typer.Option(
+        True, "--dc-variant/--no-dc-variant",
+        help="Also run medidiff without data "
+        "consistency (default); --no-dc-variant runs only the DC version.",
+    ),
+    unet: str | None = typer.Option(
+        None, "--unet",
+        help="Regression U-Net checkpoint folder (default: medidiff/weights/unet_<task> if shipped).",
+    ),
+    cs_lambda: float | None = typer.Option(
+        None, "--cs-lambda",
+        help="Fix the compressed-sensing weight instead of tuning it on held-in training slices.",
+    ),
+    cs_iters: int | None = typer.Option(
+        None, "--cs-iters", help="Compressed-sensing iterations (default 100)."
+    ),
     max_scans: int | None = typer.Option(None, "--max-scans", help="Evaluate only the first N scans."),
     device: str = typer.Option("cpu", "--device", help="Torch device for the learned methods."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch CPU threads (1 is fastest on a shared "
@@ -132,9 +163,9 @@ def _prepare(err: Console, data: str, task: str, max_scans: int | None, methods:
         if data == "shipped":
             cases = panel_cases(task, panel, max_slices or None, seed=seed)
             if task == "sr_thick":
-                notes.append("through-plane cases: each 2D slice's second axis is taken as the slice direction "
-                             "and thickened x4 by the slice profile (the shipped volumes have too few slices "
-                             "for their own through-plane axis)")
+                notes.append("through-plane cases: each 2D slice's second axis is taken as the slice "
+                             "direction and thickened x4 by the slice profile (the shipped volumes have too "
+                             "few slices for their own through-plane axis)")
         elif panel != "heldout":
             raise EvaluationError("--panel needs --data shipped")
         else:
@@ -142,8 +173,10 @@ def _prepare(err: Console, data: str, task: str, max_scans: int | None, methods:
         if max_scans:
             cases = cases[:max_scans]
         with err.status("preparing methods (CS lambda tuning, models)..."):
-            method_objs = build_methods(task, cases, methods, seed=seed, notes=notes,
-                                        enhance=enhance_kspace if task == "recon" else enhance_volume, **options)
+            enhance = enhance_kspace if task == "recon" else enhance_volume
+            method_objs = build_methods(
+                task, cases, methods, seed=seed, notes=notes, enhance=enhance, **options
+            )
     except EvaluationError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

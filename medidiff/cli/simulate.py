@@ -55,8 +55,9 @@ def simulate(
     HR voxel F*i; through-plane LR slice i is centred on HR slices F*i..F*i+F-1) and <stem>_ref.nii.gz (the
     reference, cropped to a multiple of F). The slice axis is the axis with the largest spacing.
 
-    --task recon writes <stem>_kspace.h5 (fastMRI layout: complex64 kspace (S, [C,] H, W) = centred orthonormal
-    FFT of each slice along the slice axis, masked; mask; reference image) and <stem>_ref.nii.gz.
+    --task recon writes <stem>_kspace.h5 (fastMRI layout: complex64 kspace (S, [C,] H, W) = centred
+    orthonormal FFT of each slice along the slice axis, masked; mask; reference image) and
+    <stem>_ref.nii.gz.
     """
     import numpy as np  # noqa: F401
     from rich.progress import Progress

@@ -21,12 +21,29 @@ from medidiff.cli.root import app
 def train_command(
     config: Path = typer.Option(..., "--config", "-c", help="Recipe YAML, e.g. pipelines/sr_x2.yaml."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for checkpoint/ and model/."),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Train to this step (default: train.steps of the recipe)."),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly: step, weights, optimiser, EMA, RNG (start a new run there, with --init-from if given, when OUT has no checkpoint yet: one command that restarts after a kill)."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Train to this step (default: train.steps of the recipe)."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working "
+        "directory).",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue from OUT/checkpoint exactly: step, weights, optimiser, EMA, RNG (start a new run "
+        "there, with --init-from if given, when OUT has no checkpoint yet: one command that restarts after "
+        "a kill).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda."),
-    init_from: Path | None = typer.Option(None, "--init-from", help="Start from the weights of this model folder (or a shipped model name such as recon_x4) instead of a random initialisation: fine-tuning."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (and save) after this many minutes of wall time."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from",
+        help="Start from the weights of this model folder (or a shipped model name such as recon_x4) "
+        "instead of a random initialisation: fine-tuning.",
+    ),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Stop (and save) after this many minutes of wall time."
+    ),
 ) -> None:
     """Train a model."""
     from medidiff.diffusion.train import train
@@ -42,11 +59,17 @@ def train_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     try:
-        result = train(recipe, out, max_steps=max_steps, tracking_uri=tracking_uri, resume=resume, device=device,
-                       init_from=init_from)
+        result = train(recipe, out, max_steps=max_steps, tracking_uri=tracking_uri, resume=resume,
+                       device=device, init_from=init_from)
     except (FileNotFoundError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    val = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in result.val.items() if k.endswith(("psnr", "psnr_baseline", "psnr_gain")))
-    typer.echo(f"trained {recipe.name} to step {result.step} in {result.seconds:.0f} s; model: {result.model_dir}"
-               + (f"; validation: {val}" if val else "") + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+    val = ", ".join(
+        f"{k.split('/')[-1]} {v:.4g}"
+        for k, v in result.val.items()
+        if k.endswith(("psnr", "psnr_baseline", "psnr_gain"))
+    )
+    typer.echo(f"trained {recipe.name} to step {result.step} in {result.seconds:.0f} s; "
+               f"model: {result.model_dir}"
+               + (f"; validation: {val}" if val else "")
+               + (f"; MLflow run {result.run_id}" if result.run_id else ""))

@@ -80,8 +80,8 @@ def folder_volumes(recipe: Recipe) -> Iterator[np.ndarray]:
             yield np.nan_to_num(np.asarray(vol.array, np.float32))
         if used == 0:
             why = f" ({len(skipped)} entries skipped: k-space or unreadable)" if skipped else ""
-            raise RecipeError(f"recipe {recipe.name}: data.folders[{i}] '{folder}' ({root}) holds no readable "
-                              f"image scan{why}")
+            raise RecipeError(f"recipe {recipe.name}: data.folders[{i}] '{folder}' ({root}) holds no "
+                              f"readable image scan{why}")
 
 
 def _validation_volumes(recipe: Recipe) -> list[np.ndarray]:
@@ -147,7 +147,9 @@ def _stack_pairs(recipe: Recipe, stack: np.ndarray, chosen: np.ndarray, op: Oper
     return pairs
 
 
-def make_pairs(recipe: Recipe, volumes: Iterable[np.ndarray], slices_per_volume: int, seed: int) -> list[SlicePair]:
+def make_pairs(
+    recipe: Recipe, volumes: Iterable[np.ndarray], slices_per_volume: int, seed: int
+) -> list[SlicePair]:
     """Degrade each stack of each volume with the task operator, normalise it, keep selected slices."""
     rng = np.random.default_rng(seed)
     task = recipe.task
@@ -258,9 +260,11 @@ class MixturePair:
 
 
 class MixtureSampler:
-    """Training pairs made on the fly: reference images from :class:`medidiff.data.mixture.TrainingImageSource`
-    (weights ``data.mixture``) degraded with the task's operator and normalised with
-    :func:`medidiff.tasks.measurement_scale` — the same operator and normalisation ``enhance`` uses.
+    """Training pairs made on the fly.
+
+    Reference images from :class:`medidiff.data.mixture.TrainingImageSource` (weights ``data.mixture``)
+    degraded with the task's operator and normalised with :func:`medidiff.tasks.measurement_scale` — the
+    same operator and normalisation ``enhance`` uses.
 
     - ``sr``: k-space truncation of the reference patch.
     - ``recon``: the magnitude reference gets a smooth random phase; a mask (``task.mask``,
@@ -346,7 +350,8 @@ def preview_pairs(recipe: Recipe, n: int, seed: int = 0) -> tuple[list[tuple[Ten
     """``n`` (degraded, reference) training examples of a recipe, as its training loop draws them (the
     on-the-fly mixture, or patches of the fixed slice pairs), and a title for each."""
     gen = torch.Generator().manual_seed(seed)
-    what = f"{recipe.task.kind} x{recipe.task.factor if recipe.task.kind != 'recon' else recipe.task.acceleration:g}"
+    factor = recipe.task.factor if recipe.task.kind != "recon" else recipe.task.acceleration
+    what = f"{recipe.task.kind} x{factor:g}"
     if recipe.data.mixture:
         ex = MixtureSampler(recipe).examples(n, gen)
         return [(e.degraded, e.reference) for e in ex], [f"{e.source} {what}" for e in ex]

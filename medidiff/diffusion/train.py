@@ -1,4 +1,6 @@
-"""The training loop: AdamW, bf16 autocast on CUDA, EMA, gradient clipping, validation, checkpoints, MLflow, DDP.
+"""The training loop.
+
+AdamW, bf16 autocast on CUDA, EMA, gradient clipping, validation, checkpoints, MLflow, DDP.
 
 Run it with ``medidiff train`` (or under ``torchrun`` for several processes: gloo on CPU, NCCL on GPUs).
 Layout of ``OUT``: ``checkpoint/`` (EMA weights + ``train_state.safetensors`` with the raw weights, optimiser
@@ -95,7 +97,10 @@ def _panel(a: np.ndarray, vmax: float) -> np.ndarray:
 @torch.no_grad()
 def validate(net: torch.nn.Module, recipe: Recipe, pairs: list[SlicePair], device: torch.device,
              steps: int, seed: int) -> tuple[dict[str, float], np.ndarray | None]:
-    """Model vs degraded baseline on held-out slices (few DDIM steps, DC on); returns metrics and a grid image."""
+    """Model vs degraded baseline on held-out slices (few DDIM steps, DC on).
+
+    Returns metrics and a grid image.
+    """
     net.eval()
     rows: list[dict[str, float]] = []
     grid = None
@@ -328,18 +333,23 @@ def train(
                     "run_id": tracker.run_id, "train_seconds": round(time.perf_counter() - t0, 1)}
 
         interactive = show_progress and sys.stdout.isatty()
-        progress, bar = _progress_bar(recipe, total_steps, state.step) if main and interactive else (None, None)
+        progress, bar = (
+            _progress_bar(recipe, total_steps, state.step) if main and interactive else (None, None)
+        )
         first_step, t_loop = state.step, time.perf_counter()
         state.net.train()
         losses: list[float] = []
         try:
             while state.step < total_steps:
-                loss, grad_norm = _train_step(state, model, recipe, scheduler, sampler, batch_size, dev, use_amp)
+                loss, grad_norm = _train_step(
+                    state, model, recipe, scheduler, sampler, batch_size, dev, use_amp
+                )
                 losses.append(loss)
                 step = state.step
                 if main and (step % tr.log_every == 0 or step == total_steps):
                     tracker.log_metrics({"train/loss": float(np.mean(losses[-tr.log_every:])),
-                                         "train/grad_norm": grad_norm, "train/lr": state.opt.param_groups[0]["lr"]},
+                                         "train/grad_norm": grad_norm,
+                                         "train/lr": state.opt.param_groups[0]["lr"]},
                                         step=step)
                 if progress is not None:
                     progress.update(bar, completed=step, loss=f"{np.mean(losses[-tr.log_every:]):.4f}")
@@ -350,10 +360,12 @@ def train(
                 out_of_time = _out_of_time(recipe, t0, world, dev)
                 last = step == total_steps or out_of_time
                 if main and (step % tr.val_every == 0 or last) and val_pairs:
-                    val_metrics, grid = validate(state.ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed)
+                    val_metrics, grid = validate(
+                        state.ema.module, recipe, val_pairs, dev, tr.val_steps, tr.seed
+                    )
                     if show_progress and progress is None:
-                        print(f"step {step} validation psnr gain {val_metrics.get('val/psnr_gain', float('nan')):+.3f} dB",
-                              flush=True)
+                        gain = val_metrics.get("val/psnr_gain", float("nan"))
+                        print(f"step {step} validation psnr gain {gain:+.3f} dB", flush=True)
                     tracker.log_metrics(val_metrics, step=step)
                     if grid is not None:
                         tracker.log_image(grid, f"samples/step_{step:06d}.png")

@@ -112,7 +112,10 @@ class Method:
 
 
 def load_cases(data_dir: str | Path, task: str) -> list[Case]:
-    """Pair ``<stem>_lr.nii.gz`` (sr) or ``<stem>_kspace.h5`` (recon) with ``<stem>_ref.nii.gz`` in a folder."""
+    """Pair inputs with references in a folder.
+
+    ``<stem>_lr.nii.gz`` (sr) or ``<stem>_kspace.h5`` (recon) with ``<stem>_ref.nii.gz``.
+    """
     root = Path(data_dir)
     if task not in TASKS:
         raise EvaluationError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -121,7 +124,9 @@ def load_cases(data_dir: str | Path, task: str) -> list[Case]:
     suffix = "_kspace.h5" if task == "recon" else "_lr.nii.gz"
     inputs = sorted(root.rglob(f"*{suffix}"))
     if not inputs:
-        raise EvaluationError(f"{root}: no '*{suffix}' inputs for task {task!r} (run `medidiff simulate --task {task}`)")
+        raise EvaluationError(
+            f"{root}: no '*{suffix}' inputs for task {task!r} (run `medidiff simulate --task {task}`)"
+        )
     cases = []
     for inp in inputs:
         stem = inp.name[: -len(suffix)]
@@ -150,7 +155,8 @@ def load_cases(data_dir: str | Path, task: str) -> list[Case]:
 
 
 def degrade_sr_inplane(vol: Volume, factor: int = SR_FACTOR) -> tuple[Volume, Volume]:
-    """(low-res, reference): axes 0 and 1 cropped to a multiple of ``factor``, then k-space truncated per slice.
+    """(low-res, reference): axes 0 and 1 cropped to a multiple of ``factor``, then k-space truncated
+    per slice.
 
     The same operator and grid convention as ``physics.simulate.simulate_sr(axis='inplane')`` and
     ``enhance_volume(task='sr')``: slices along axis 2, LR sample ``i`` at HR sample ``f·i``.
@@ -179,7 +185,10 @@ def degrade_recon(
 
 
 def shipped_cases(task: str, seed: int = 0) -> list[Case]:
-    """The held-out real evaluation volumes, degraded on the fly (SR ×2 truncation; recon ×4 equispaced 8 %)."""
+    """The held-out real evaluation volumes, degraded on the fly.
+
+    SR ×2 truncation; recon ×4 equispaced 8 %.
+    """
     cases = []
     for i, (name, vol) in enumerate(real_evaluation_volumes()):
         if task == "sr":
@@ -239,10 +248,12 @@ def _centre_crop(img: np.ndarray, size: int = OOD_MAX_SIZE) -> np.ndarray:
     return np.ascontiguousarray(img[top: top + size, left: left + size])
 
 
-def ood_images(max_slices: int | None = 2, seed: int = 0) -> list[tuple[str, np.ndarray, float, dict[str, Any]]]:
-    """The out-of-domain panel as ``(name, image, pixel mm, info)``: the held-out natural images and phantom as
-    magnitude images with Rician noise (and sometimes a scanner-masked zero background), and held-out real MR
-    slices resampled to pixel sizes the models never saw (``OOD_PIXEL_MM``)."""
+def ood_images(
+    max_slices: int | None = 2, seed: int = 0
+) -> list[tuple[str, np.ndarray, float, dict[str, Any]]]:
+    """The out-of-domain panel as ``(name, image, pixel mm, info)``: the held-out natural images and
+    phantom as magnitude images with Rician noise (and sometimes a scanner-masked zero background), and
+    held-out real MR slices resampled to pixel sizes the models never saw (``OOD_PIXEL_MM``)."""
     from scipy.ndimage import zoom
 
     from medidiff.data.generators import AcquisitionConfig, acquire
@@ -253,7 +264,8 @@ def ood_images(max_slices: int | None = 2, seed: int = 0) -> list[tuple[str, np.
     for name, img in natural_images("ood"):
         clean = _centre_crop(np.asarray(img, np.float32))
         noisy, params = acquire(clean, clean > 0.05, rng, AcquisitionConfig())
-        out.append((f"natural/{name}", noisy, 1.0, {"panel": "ood", "source": "natural", "snr": params["snr"]}))
+        info = {"panel": "ood", "source": "natural", "snr": params["snr"]}
+        out.append((f"natural/{name}", noisy, 1.0, info))
     for vol_name, vol in real_evaluation_volumes():
         for idx, img, mm in slice_images(vol, max_slices):
             for target in OOD_PIXEL_MM:
@@ -267,9 +279,14 @@ def ood_images(max_slices: int | None = 2, seed: int = 0) -> list[tuple[str, np.
     return out
 
 
-def panel_cases(task: str, panel: str = "heldout", max_slices: int | None = MAX_SLICES, seed: int = 0) -> list[Case]:
-    """Cases of a panel, one per 2D slice: ``heldout`` every shipped real MR volume no model trained on
-    (up to ``max_slices`` slices each, evenly spread); ``ood`` the out-of-domain panel (:func:`ood_images`)."""
+def panel_cases(
+    task: str, panel: str = "heldout", max_slices: int | None = MAX_SLICES, seed: int = 0
+) -> list[Case]:
+    """Cases of a panel, one per 2D slice.
+
+    ``heldout``: every shipped real MR volume no model trained on (up to ``max_slices`` slices each,
+    evenly spread); ``ood``: the out-of-domain panel (:func:`ood_images`).
+    """
     if panel not in PANELS:
         raise EvaluationError(f"unknown panel {panel!r}; choose one of {', '.join(PANELS)}")
     if task not in TASKS:
@@ -363,16 +380,18 @@ def _sr_baseline(kind: str) -> Callable[[Case], tuple[Volume, dict[str, float]]]
     """Sinc or bicubic in-plane upsampling of the case's low-resolution volume."""
     def run(case: Case) -> tuple[Volume, dict[str, float]]:
         if len(case.sr_axes) != 2:
-            raise EvaluationError(f"{case.name}: {kind} needs in-plane (two-axis) SR data, got axes {case.sr_axes}")
+            raise EvaluationError(
+                f"{case.name}: {kind} needs in-plane (two-axis) SR data, got axes {case.sr_axes}"
+            )
         return upsample_volume(case.lr, case.sr_factor, case.sr_axes, method=kind), {}
 
     return run
 
 
 def slice_interpolate(lr: Volume, factor: int, order: int) -> Volume:
-    """Linear (``order`` 1) or cubic (3) interpolation of thick slices along the LR volume's slice axis onto the
-    thin grid: thin slice ``j`` sits at thick index ``(j - (f - 1) / 2) / f`` (the slice-profile convention),
-    edges clamped."""
+    """Linear (``order`` 1) or cubic (3) interpolation of thick slices along the LR volume's slice axis
+    onto the thin grid: thin slice ``j`` sits at thick index ``(j - (f - 1) / 2) / f`` (the slice-profile
+    convention), edges clamped."""
     from scipy.ndimage import map_coordinates
 
     from medidiff.physics.simulate import hr_affine
@@ -403,7 +422,9 @@ def _unet_method(model_dir: str | Path, task: str, device: str) -> Method:
     """The regression U-Net checkpoint in ``model_dir``: one forward pass from the back-projection."""
     model = load_unet(model_dir, device=device)
     if model.task != task:
-        raise EvaluationError(f"{model_dir}: regression U-Net was trained for task {model.task!r}, not {task!r}")
+        raise EvaluationError(
+            f"{model_dir}: regression U-Net was trained for task {model.task!r}, not {task!r}"
+        )
 
     def run(case: Case) -> tuple[Volume, dict[str, float]]:
         if task == "sr":
@@ -419,7 +440,9 @@ def _unet_method(model_dir: str | Path, task: str, device: str) -> Method:
 def _check_inplane(case: Case) -> None:
     """Learned SR methods work on slices along axis 2: the LR volume must be downsampled on axes 0 and 1."""
     if case.sr_axes != (0, 1):
-        raise EvaluationError(f"{case.name}: in-plane SR expects axes 0 and 1 downsampled, got {case.sr_axes}")
+        raise EvaluationError(
+            f"{case.name}: in-plane SR expects axes 0 and 1 downsampled, got {case.sr_axes}"
+        )
 
 
 def _without_dc(func: Callable, model: Any) -> tuple[Any, dict[str, Any]]:
@@ -456,7 +479,9 @@ def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool
         if task in ("sr", "sr_thick"):
             if task == "sr":
                 _check_inplane(case)
-            res = func(case.lr, task=task, model=model, factor=case.sr_factor, steps=steps, seed=seed, **extra)
+            res = func(
+                case.lr, task=task, model=model, factor=case.sr_factor, steps=steps, seed=seed, **extra
+            )
         else:
             res = func(case.kspace, model=model, steps=steps, seed=seed, **extra)
         keep = ("network_evals", "dc_residual_rel", "residual_weight", "self_check_gain_db")
@@ -465,7 +490,8 @@ def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool
         numbers.update({k: v for k, v in (res.metrics or {}).items() if k.startswith("gate_")})
         if res.candidate is not None:
             ref = case.reference.array
-            numbers["actual_gain_db"] = float(_psnr(ref, res.candidate.array) - _psnr(ref, res.baseline.array))
+            gain = _psnr(ref, res.candidate.array) - _psnr(ref, res.baseline.array)
+            numbers["actual_gain_db"] = float(gain)
         return res.enhanced, numbers
 
     name = f"medidiff-{steps}" + ("" if dc else "-nodc") + ("-adapt" if adapt else "")
@@ -526,7 +552,8 @@ def build_methods(
             else:
                 lam = float(cs_lambda)
                 notes.append(f"CS lambda {lam:g} given on the command line")
-            out.append(Method("cs", lambda c, lam=lam, iters=iters: (compressed_sensing(c.kspace, lam, iters), {}),
+            out.append(Method("cs",
+                              lambda c, lam=lam, iters=iters: (compressed_sensing(c.kspace, lam, iters), {}),
                               params={"cs_lambda": lam, "cs_iters": iters}))
         elif name == "unet":
             path = Path(unet_dir) if unet_dir else _default_unet_dir(task)
@@ -558,7 +585,9 @@ def build_methods(
                     except EvaluationError as exc:
                         notes.append(f"medidiff without DC skipped: {exc}")
                 if adapt_variant:
-                    out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed, True, adapt_seconds))
+                    out.append(
+                        _medidiff_method(enhance, task, loaded, int(s), True, seed, True, adapt_seconds)
+                    )
     return out
 
 
@@ -595,7 +624,8 @@ def evaluate_cases(
             try:
                 image, extra = method.run(case)
             except Exception as exc:  # noqa: BLE001 - one method failing on one scan is recorded, the rest go on
-                rows.append({"scan": case.name, "method": method.name, "error": f"{type(exc).__name__}: {exc}"})
+                error = f"{type(exc).__name__}: {exc}"
+                rows.append({"scan": case.name, "method": method.name, "error": error})
                 continue
             seconds = time.perf_counter() - t0
             if image.shape != ref.shape:

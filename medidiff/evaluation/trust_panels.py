@@ -107,11 +107,17 @@ def trust_cases(task: TaskConfig | str, seed: int = 0) -> tuple[list[Case], list
     return cal, test
 
 
-def _slice_cases(case: Case, enhanced: np.ndarray, std: np.ndarray, baseline: np.ndarray) -> list[CalibrationCase]:
-    """One calibration case per slice (axis 2) with body; intensities scaled by the scan's baseline scale."""
+def _slice_cases(
+    case: Case, enhanced: np.ndarray, std: np.ndarray, baseline: np.ndarray
+) -> list[CalibrationCase]:
+    """One calibration case per slice (axis 2) with body.
+
+    Intensities are scaled by the scan's baseline scale."""
     reference = np.asarray(case.reference.array, np.float32)
     if enhanced.shape != reference.shape or std.shape != reference.shape:
-        raise ValueError(f"{case.name}: enhanced {enhanced.shape} / std {std.shape} vs reference {reference.shape}")
+        raise ValueError(
+            f"{case.name}: enhanced {enhanced.shape} / std {std.shape} vs reference {reference.shape}"
+        )
     scale = intensity_scale(baseline)  # exactly as the pipeline applies the calibration
     out = []
     for z in range(reference.shape[2]):
@@ -166,7 +172,8 @@ def calibration_panel(
         raise ValueError("calibration needs K >= 2 samples (the spread of one sample is zero)")
     names_cal = {c.name for c in cases_cal}
     if names_cal & {c.name for c in cases_test}:
-        raise ValueError(f"calibration and test cases overlap: {sorted(names_cal & {c.name for c in cases_test})}")
+        overlap = sorted(names_cal & {c.name for c in cases_test})
+        raise ValueError(f"calibration and test cases overlap: {overlap}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cal, sec_cal = _run_cases(enhance, cases_cal, samples_k)
@@ -216,7 +223,8 @@ def _reliability_figure(curve: Sequence[dict], path: Path, title: str) -> None:
     ax.plot([0.4, 1], [0.4, 1], color="0.6", lw=1, ls="--", label="ideal")
     ax.fill_between([0.4, 1], [0.35, 0.95], [0.45, 1.05], color="0.9", label="±5 points")
     ax.plot(nominal, [r["empirical"] for r in curve], "o-", color="C0", label="held-out")
-    ax.set(xlabel="nominal coverage", ylabel="empirical coverage", xlim=(0.45, 1.0), ylim=(0.4, 1.02), title=title)
+    ax.set(xlabel="nominal coverage", ylabel="empirical coverage", xlim=(0.45, 1.0), ylim=(0.4, 1.02),
+           title=title)
     ax.legend(loc="lower right", fontsize=8)
     FigureCanvasAgg(fig)
     with atomic.atomic_file(path) as tmp:
@@ -224,7 +232,10 @@ def _reliability_figure(curve: Sequence[dict], path: Path, title: str) -> None:
 
 
 def _calibration_markdown(s: dict[str, Any]) -> str:
-    ok = lambda b: "PASS" if b else "FAIL"
+
+    def ok(b: Any) -> str:
+        return "PASS" if b else "FAIL"
+
     lines = [
         f"### Calibrated uncertainty: {s['task']}, K = {s['samples_k']}",
         "",
@@ -309,7 +320,9 @@ def lesion_panel(
     """
     task = _as_task(task)
     degrade = degrade_fn(task, seed)
-    panel = run_lesion_panel(cases, enhance, classical, degrade, np.random.default_rng(seed), per_image=per_image)
+    panel = run_lesion_panel(
+        cases, enhance, classical, degrade, np.random.default_rng(seed), per_image=per_image
+    )
     # flags against the largest errors on scans with lesions (one copy per case, all sizes and contrasts)
     rng = np.random.default_rng(seed + 1)
     hits = {"precision": [], "recall": [], "flagged_fraction": []}
@@ -330,14 +343,18 @@ def lesion_panel(
 
 def _lesion_markdown(kind: str, panel: dict[str, Any]) -> str:
     s = panel["summary"]
-    ok = lambda b: "PASS" if b else "FAIL"
+
+    def ok(b: Any) -> str:
+        return "PASS" if b else "FAIL"
+
     lines = [
         f"### Lesion panel: {kind}",
         "",
         ("Contrast kept = (lesion − ring) of the restored image / that of the reference, paired with the "
         "lesion-free image; CNR = contrast / ring SD (reference, classical = before, enhanced = after)."),
         "",
-        "| diameter (mm) | contrast | n | kept (enhanced) | kept (classical) | CNR ref | CNR before | CNR after |",
+        ("| diameter (mm) | contrast | n | kept (enhanced) | kept (classical) "
+         "| CNR ref | CNR before | CNR after |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in s["table"]:
@@ -353,7 +370,8 @@ def _lesion_markdown(kind: str, panel: dict[str, Any]) -> str:
         (f"| lesions ≥ 4 mm keep ≥ 90 % of their contrast | min {s['min_kept_ge_4mm']:.3f} | "
         f"{ok(s['kept_ge_4mm_ok'])} |"),
         (f"| no lesion loses more than the classical image (2-point tolerance) | "
-        f"{s['lesions_worse_than_classical']} lesion(s) worse | {ok(s['lesions_worse_than_classical'] == 0)} |"),
+        f"{s['lesions_worse_than_classical']} lesion(s) worse | "
+        f"{ok(s['lesions_worse_than_classical'] == 0)} |"),
         (f"| invented blobs: enhanced − reference ≤ classical − reference | {s['blobs_enhanced']} vs "
         f"{s['blobs_classical']} | {ok(s['blobs_ok'])} |"),
         "",
@@ -375,7 +393,9 @@ def ood_flags_panel(
         if h0 < 0 or w0 < 0:
             continue
         clean = np.ascontiguousarray(image[h0 : h0 + size, w0 : w0 + size], dtype=np.float32)
-        reference, _ = acquire(clean, np.ones(clean.shape, bool), rng, AcquisitionConfig(zero_background_p=0.0))
+        reference, _ = acquire(
+            clean, np.ones(clean.shape, bool), rng, AcquisitionConfig(zero_background_p=0.0)
+        )
         measured = degrade(reference)
         enh, cls = enhance(measured), classical(measured)
         fl = flags(enh, cls, task=task.kind, factor=_factor(task))
@@ -396,8 +416,8 @@ def flags_markdown(kind: str, lesion_flags: dict[str, float], ood: dict[str, Any
         "|---|---|---|---|",
         (f"| lesion scans | {lesion_flags['precision']:.3f} | {lesion_flags['recall']:.3f} | "
         f"{lesion_flags['flagged_fraction']:.4f} |"),
-        (f"| out-of-domain natural images ({len(ood['rows'])}) | {ood['precision']:.3f} | {ood['recall']:.3f} | "
-        f"{ood['flagged_fraction']:.4f} |"),
+        (f"| out-of-domain natural images ({len(ood['rows'])}) | {ood['precision']:.3f} | "
+        f"{ood['recall']:.3f} | {ood['flagged_fraction']:.4f} |"),
         "",
         "(nan precision: nothing flagged.)",
         "",

@@ -134,7 +134,10 @@ class SliceGeometry:
 
 
 def slice_geometry(affine: np.ndarray, out_dir: Path) -> SliceGeometry:
-    """LPS geometry of a RAS affine; refuses in-plane axes that are not orthogonal (DICOM cannot store them)."""
+    """LPS geometry of a RAS affine.
+
+    Refuses in-plane axes that are not orthogonal (DICOM cannot store them).
+    """
     lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
     col_i, col_j, col_k = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     sp_i, sp_j = float(np.linalg.norm(col_i)), float(np.linalg.norm(col_j))
@@ -155,7 +158,10 @@ def display_window(array: np.ndarray) -> tuple[float, float]:
 
 
 def _patient_study(src_hdr: Dataset | None, date: str, time: str) -> Dataset:
-    """Patient, study, frame of reference (and MR acquisition attributes): the source's, or new placeholders."""
+    """Patient, study, frame of reference (and MR acquisition attributes).
+
+    The source's, or new placeholders.
+    """
     common = Dataset()
     if src_hdr is not None:
         keep = ("SpecificCharacterSet",) + _KEEP_PATIENT + _KEEP_STUDY
@@ -230,7 +236,10 @@ def _series_dataset(
     derivation_code: tuple[str, str, str] | None = None,
     study_of: Dataset | None = None,
 ) -> Dataset:
-    """The attributes every file of the series shares: patient/study, series, image plane and pixel encoding."""
+    """The attributes every file of the series shares.
+
+    Patient/study, series, image plane and pixel encoding.
+    """
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     common = _patient_study(src_hdr, date, time)

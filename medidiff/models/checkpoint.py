@@ -60,7 +60,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, **extra: Any) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (recipe + extra JSON fields) atomically into ``directory``.
+    """Write ``model.safetensors`` + ``config.json`` atomically into ``directory``.
+
+    ``config.json`` holds the recipe and the extra JSON fields.
 
     ``extra`` may hold ``tensors={name: tensor}`` written to ``train_state.safetensors`` (optimiser, RNG);
     every other key goes into config.json.
@@ -70,13 +72,18 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, cfg: Recipe, 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     extra_tensors = extra.pop("tensors", None)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _unwrap(model).state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _unwrap(model).state_dict().items()
+    }
     with atomic.atomic_dir(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                       str(tmp / "train_state.safetensors"))
-        config = {"format": "medidiff-checkpoint/1", "package_version": __version__, "recipe": cfg.to_dict(), **extra}
+        config = {
+            "format": "medidiff-checkpoint/1", "package_version": __version__, "recipe": cfg.to_dict(),
+            **extra,
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     return directory
 
@@ -86,7 +93,10 @@ TRAIN_MODEL_SUBDIR = "model"
 
 
 def model_dir(directory: str | Path) -> Path:
-    """The checkpoint folder of ``directory``: itself, or its ``model/`` when it is a ``train --out`` folder."""
+    """The checkpoint folder of ``directory``.
+
+    Itself, or its ``model/`` when it is a ``train --out`` folder.
+    """
     path = Path(directory)
     if not (path / CONFIG_FILE).is_file() and (path / TRAIN_MODEL_SUBDIR / CONFIG_FILE).is_file():
         return path / TRAIN_MODEL_SUBDIR
@@ -136,13 +146,17 @@ def weights_dir() -> Path:
 
 
 def default_model(task: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """The shipped default model for ``sr`` (in-plane x2), ``sr_thick`` (through-plane x4) or ``recon`` (x4)."""
+    """The shipped default model for a task.
+
+    ``sr`` (in-plane x2), ``sr_thick`` (through-plane x4) or ``recon`` (x4).
+    """
     if task not in DEFAULT_MODELS:
         raise ValueError(f"no default model for task {task!r}; tasks: {', '.join(DEFAULT_MODELS)}")
     path = weights_dir() / DEFAULT_MODELS[task]
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
             f"{path}: the shipped model for task {task!r} is missing; train one with "
-            f"`medidiff train --config pipelines/{DEFAULT_MODELS[task]}.yaml --out DIR` and pass --model DIR/model"
+            f"`medidiff train --config pipelines/{DEFAULT_MODELS[task]}.yaml --out DIR` "
+            "and pass --model DIR/model"
         )
     return load_model(path, device=device)

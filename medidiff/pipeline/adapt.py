@@ -84,7 +84,9 @@ def held_out(refs: torch.Tensor) -> torch.Tensor:
 class _ImagePairs:
     """Training batches (cond, x0) of random crops of reference images degraded by ``op``."""
 
-    def __init__(self, loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_axes: tuple[int, int]) -> None:
+    def __init__(
+        self, loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_axes: tuple[int, int]
+    ) -> None:
         self.recipe, self.op = loaded.recipe, op
         m = self.recipe.size_multiple
         fh, fw = factor_axes
@@ -139,11 +141,15 @@ def _context(loaded: LoadedModel, base: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([to_channels(base, loaded.recipe.complex_images)] * (2 * n), dim=1) if n else None
 
 
-def _held_loss(net: torch.nn.Module, loaded: LoadedModel, cond: torch.Tensor, x0: torch.Tensor, seed: int) -> float:
+def _held_loss(
+    net: torch.nn.Module, loaded: LoadedModel, cond: torch.Tensor, x0: torch.Tensor, seed: int
+) -> float:
     sched = make_scheduler(loaded.recipe.diffusion)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return float(np.mean([float(diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)) for _ in range(4)]))
+        return float(
+            np.mean([float(diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)) for _ in range(4)])
+        )
 
 
 def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_axes: tuple[int, int],
@@ -156,7 +162,8 @@ def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_a
     t0 = time.perf_counter()
     report = AdaptReport()
     train, held = _split(refs.float())
-    pairs, held_pairs = _ImagePairs(loaded, op, train, factor_axes), _ImagePairs(loaded, op, held, factor_axes)
+    pairs = _ImagePairs(loaded, op, train, factor_axes)
+    held_pairs = _ImagePairs(loaded, op, held, factor_axes)
     if not pairs.usable() or not held_pairs.usable():
         report.seconds = time.perf_counter() - t0
         return loaded, report
@@ -283,7 +290,9 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     net.eval()
     adapted = dataclasses.replace(loaded, net=net)
     with torch.no_grad():
-        report.loss_after = float(_recon_loss(net, loaded, held, h_theta, h_lam, torch.Generator().manual_seed(seed)))
+        report.loss_after = float(
+            _recon_loss(net, loaded, held, h_theta, h_lam, torch.Generator().manual_seed(seed))
+        )
     report.gain_after_db = _recon_gain(adapted, held, h_theta, h_lam, seed)
     report.kept = report.steps > 0 and report.gain_after_db >= report.gain_before_db
     report.seconds = time.perf_counter() - t0

@@ -231,7 +231,8 @@ class LocalEngine:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
         self.models = ModelCache(settings.models, device=device)
         self.description = (
-            f"local: 1 process, {torch.get_num_threads()} torch thread(s), device {self.models.resolved_device()}"
+            f"local: 1 process, {torch.get_num_threads()} torch thread(s), "
+            f"device {self.models.resolved_device()}"
         )
         self.decoder = IsolatedDecoder(settings.decode_timeout_s)
 
@@ -313,8 +314,8 @@ def run_batch(
 
     Scan keys are paths under IN, and folder names may be patients' names: MLflow (often a shared server)
     gets only hashes of them (:func:`scan_hash`) unless ``log_paths``; then it also gets the manifest and
-    the report. ``report`` writes the batch's report at the end (none without it); ``preview`` makes the figures
-    logged to MLflow for the first finished scans (none without it).
+    the report. ``report`` writes the batch's report at the end (none without it); ``preview`` makes the
+    figures logged to MLflow for the first finished scans (none without it).
     """
     from rich.console import Console
 
@@ -340,7 +341,8 @@ def run_batch(
                 if stale:
                     console.print(f"removed {len(stale)} temporary file(s) left by an interrupted run")
                 summary.manifest = manifest.path
-                items = plan(input_root, manifest, settings, force=force)  # lazy: discovery streams with the run
+                # lazy: discovery streams with the run
+                items = plan(input_root, manifest, settings, force=force)
                 _run_tracked(
                     items,
                     manifest,
@@ -436,7 +438,9 @@ def _run_tracked(
             return eng
 
         try:
-            _run_jobs(start_engine, items, manifest, summary, console, tracker, output_root, preview, log_paths)
+            _run_jobs(
+                start_engine, items, manifest, summary, console, tracker, output_root, preview, log_paths
+            )
             identity = engines[0].model_identity() if engines else {}
         finally:
             for eng in engines:

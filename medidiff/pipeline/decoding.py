@@ -79,7 +79,8 @@ class IsolatedDecoder:
     def _start(self) -> Any:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from medidiff.pipeline.decoding import _decoder_child_main as m; m()"],
+                [sys.executable, "-c",
+                 "from medidiff.pipeline.decoding import _decoder_child_main as m; m()"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )

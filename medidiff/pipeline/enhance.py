@@ -5,18 +5,20 @@ few-step sampler and data consistency with the same operator that describes the 
 
 Do no harm (on by default, ``self_check=False`` turns it off; see :mod:`medidiff.pipeline.gate`): the scan
 checks the model on itself before trusting it, once per volume. For super-resolution the scan's own images are
-degraded once more with the same operator and enhanced; for reconstruction part of the measured lines is held
-out and predicted from the rest. The weight ``w`` of the model's residual over the classical image
-(``classical + w (model - classical)``) is cross-fitted on tiles of those pairs and the model is used only when
-the held-out gain's lower bound clears a margin (and, for SR, when the measured spectrum's edge is above the
-noise floor); otherwise the classical image comes back unchanged and the metrics say why (``gate_decision``,
-``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay data-consistent.
+degraded once more with the same operator and enhanced; for reconstruction part of the measured lines is
+held out and predicted from the rest. The weight ``w`` of the model's residual over the classical image
+(``classical + w (model - classical)``) is cross-fitted on tiles of those pairs and the model is used only
+when the held-out gain's lower bound clears a margin (and, for SR, when the measured spectrum's edge is
+above the noise floor); otherwise the classical image comes back unchanged and the metrics say why
+(``gate_decision``, ``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay
+data-consistent.
 ``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`).
 
-Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i`` (``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the
-in-plane axes);
+Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i``
+(``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the in-plane axes);
 through-plane SR places LR slice ``i`` at the centre of HR slices ``f i .. f i + f - 1`` (HR index
-``f i + (f - 1) / 2``), exactly as ``medidiff.physics`` simulates them, so ``enhance(simulate(x))`` lands on x's grid.
+``f i + (f - 1) / 2``), exactly as ``medidiff.physics`` simulates them, so ``enhance(simulate(x))`` lands
+on x's grid.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class _Runner:
     def __init__(self, loaded, steps: int | None, samples: int, seed: int, precision: str = "auto") -> None:
         self.loaded, self.recipe = loaded, loaded.recipe
         self.device = next(loaded.net.parameters()).device
-        # bf16 autocast where the hardware has it natively (fp32 out: data consistency stays fp32), channels-last
+        # bf16 autocast where the hardware has it natively (fp32 out: data consistency stays fp32),
+        # channels-last
         self.net = prepare_network(loaded.net, precision, device=self.device, channels_last=True)
         self.precision = self.net.precision
         self.steps = steps or self.recipe.diffusion.steps
@@ -128,8 +131,8 @@ class _Runner:
 def classical(task: str, op: Operator, y: torch.Tensor) -> torch.Tensor:
     """The classical image the gate falls back to and blends with: the operator's back-projection (sinc for
     in-plane SR); for through-plane SR cubic slice interpolation made data-consistent
-    (``c + B^+ (y - B c)``, never further from a noiseless truth than cubic itself), which is at least as good as
-    linear or cubic interpolation alone."""
+    (``c + B^+ (y - B c)``, never further from a noiseless truth than cubic itself), which is at least as
+    good as linear or cubic interpolation alone."""
     if task != "sr_thick":
         return op.pinv(y)
     from scipy.ndimage import map_coordinates
@@ -147,8 +150,9 @@ def classical(task: str, op: Operator, y: torch.Tensor) -> torch.Tensor:
 
 def _check_residuals(runner: _Runner, op: Operator, refs: torch.Tensor,
                      task: str = "sr") -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-check pairs: degrade ``refs`` (B, H, W) with ``op`` and enhance; ``(model residual, true residual)``
-    over the classical image."""
+    """Self-check pairs: degrade ``refs`` (B, H, W) with ``op`` and enhance.
+
+    Returns ``(model residual, true residual)`` over the classical image."""
     y2 = op.A(refs)
     base2 = classical(task, op, y2)
     pred = runner.run(op, y2, samples=1).mean
@@ -230,8 +234,8 @@ def _self_check(runner: _Runner, op: Operator, task: str, refs: torch.Tensor, st
                 margin_db: float, seed: int) -> GateDecision:
     """Do no harm: the gate's decision for this scan, from the self-check on ``refs`` (computed once)."""
     f = runner.recipe.task.factor
-    snr = gate.edge_snr(stack_t[_check_slices(stack_t.numpy(), runner.recipe.enhance.self_check_slices)].numpy(),
-                        (1, 2) if task == "sr" else (2,))
+    check_idx = _check_slices(stack_t.numpy(), runner.recipe.enhance.self_check_slices)
+    snr = gate.edge_snr(stack_t[check_idx].numpy(), (1, 2) if task == "sr" else (2,))
     if refs.shape[-1] >= 2 * f and refs.shape[-2] >= 2:
         r, e = _check_residuals(runner, op, refs, task)
         return gate.decide(r, e, snr, margin_db, seed)
@@ -307,8 +311,8 @@ def enhance_volume(
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
-    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the network
-    on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
+    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the
+    network on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
     """
     t0 = time.perf_counter()
     loaded = _checked_model(model, task, factor)
@@ -328,8 +332,8 @@ def enhance_volume(
     adapt_metrics: dict[str, float] = {}
     before = None
     if adapt:
-        # The adapted network has learnt the scan's own check scale, where it always looks good: it is used only
-        # where the original network's cross-scale check also passes, and never with a larger weight.
+        # The adapted network has learnt the scan's own check scale, where it always looks good: it is used
+        # only where the original network's cross-scale check also passes, and never with a larger weight.
         before = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else None
         seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(stack.size * f)
         factors = (1, f) if task == "sr_thick" else (f, f)
@@ -365,9 +369,17 @@ def enhance_volume(
     grid = st.out_affine
     return EnhanceResult(
         enhanced=vol.with_array(st.back(out.enhanced), grid, **meta),
-        uncertainty=None if unc is None else vol.with_array(unc, grid, description="medidiff uncertainty (std)"),
-        residual=vol.with_array(st.back(out.residual), grid, description="medidiff data-consistency residual"),
-        baseline=vol.with_array(st.back(out.baseline), grid, description="classical image (before): the operator back-projection; for through-plane SR data-consistent cubic interpolation"),
+        uncertainty=(
+            None if unc is None else vol.with_array(unc, grid, description="medidiff uncertainty (std)")
+        ),
+        residual=vol.with_array(
+            st.back(out.residual), grid, description="medidiff data-consistency residual"
+        ),
+        baseline=vol.with_array(
+            st.back(out.baseline), grid,
+            description="classical image (before): the operator back-projection; "
+            "for through-plane SR data-consistent cubic interpolation",
+        ),
         metrics=metrics,
         candidate=None if out.candidate is None else vol.with_array(st.back(out.candidate), grid,
                                                                     description="gate candidate"),
@@ -383,7 +395,9 @@ def _kspace_mask(data) -> np.ndarray:
     return nz.astype(np.float32)
 
 
-def _recon_gate(runner: _Runner, k: torch.Tensor, mask: np.ndarray, margin_db: float, seed: int) -> GateDecision:
+def _recon_gate(
+    runner: _Runner, k: torch.Tensor, mask: np.ndarray, margin_db: float, seed: int
+) -> GateDecision:
     """Do no harm for reconstruction (zero-shot split): part of the measured lines is held out, the rest is
     reconstructed, and the model's k-space on the held-out lines is compared with what was measured there
     (zero-filling predicts 0). Single-coil k-space (S, H, W), normalised."""
@@ -420,7 +434,10 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
     k = torch.from_numpy(np.asarray(data.kspace, np.complex64))
     multicoil = k.ndim == 4
     runner = _Runner(loaded, steps, samples, seed, precision)
-    batch = 1 if multicoil else slices_per_batch(batch_slices, recipe.enhance.batch_slices, k.shape[-2] * k.shape[-1])
+    batch = (
+        1 if multicoil
+        else slices_per_batch(batch_slices, recipe.enhance.batch_slices, k.shape[-2] * k.shape[-1])
+    )
 
     def operator_for(s: int) -> FourierUndersampling:
         if not multicoil:
@@ -430,12 +447,16 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
     scale = measurement_scale("recon", k, coil_dim=1 if multicoil else None)
     adapt_metrics: dict[str, float] = {}
     if adapt and not multicoil:
-        seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(int(np.prod(k.shape)))
+        seconds = (
+            adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(int(np.prod(k.shape)))
+        )
         loaded, report = adaptation.adapt_kspace(loaded, k / scale, mask, seconds, seed)
         runner = _Runner(loaded, steps, samples, seed, precision)
         adapt_metrics = report.metrics()
     check = recipe.enhance.self_check if self_check is None else self_check
-    decision = _recon_gate(runner, k / scale, mask, gate_margin_db, seed) if check and not multicoil else gate.off()
+    decision = (
+        _recon_gate(runner, k / scale, mask, gate_margin_db, seed) if check and not multicoil else gate.off()
+    )
     weight = decision.weight
     n = k.shape[0]
     shp = (n, *k.shape[-2:])

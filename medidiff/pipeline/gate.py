@@ -1,10 +1,10 @@
 """Do-no-harm gate: decide per scan how much of the model's residual to keep, and say why.
 
-The scan is checked on itself: its own images are degraded once more with the task's operator and enhanced;
-there the truth is known, so the model's residual ``r = model - baseline`` can be compared with the true
-residual ``e = reference - baseline``. Two things make the cross-scale check optimistic out of domain: a weight
-fitted and scored on the same pixels always looks like a gain, and a half-resolution copy looks more like the
-training data than the scan itself. The gate therefore
+The scan is checked on itself: its own images are degraded once more with the task's operator and
+enhanced; there the truth is known, so the model's residual ``r = model - baseline`` can be compared with
+the true residual ``e = reference - baseline``. Two things make the cross-scale check optimistic out of
+domain: a weight fitted and scored on the same pixels always looks like a gain, and a half-resolution copy
+looks more like the training data than the scan itself. The gate therefore
 
 - **cross-fits**: the check images are cut into tiles dealt into ``FOLDS`` folds; the weight is fitted on the
   other folds and the gain is scored on the held-out fold. The predicted gain is the pooled held-out gain, its
@@ -156,8 +156,8 @@ def decide(r: torch.Tensor, e: torch.Tensor, snr: float = math.nan, margin_db: f
                             f"{DECLINED} (measured band's edge at the noise floor: SNR {snr:.2f})", w)
     if not (lower > margin_db) or w <= 0:
         return GateDecision(0.0, pred, lower, fitted, snr,
-                            f"{DECLINED} (held-out self-check gain {pred:+.2f} dB, lower bound {lower:+.2f} dB "
-                            f"<= {margin_db:.2f} dB)", w)
+                            f"{DECLINED} (held-out self-check gain {pred:+.2f} dB, "
+                            f"lower bound {lower:+.2f} dB <= {margin_db:.2f} dB)", w)
     return GateDecision(w, pred, lower, fitted, snr, ENHANCED, w)
 
 

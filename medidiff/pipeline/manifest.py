@@ -1,4 +1,6 @@
-"""The batch manifest (``OUT/manifest.json``): what was done to which scan, rewritten atomically after each scan.
+"""The batch manifest (``OUT/manifest.json``): what was done to which scan.
+
+It is rewritten atomically after each scan.
 
 Schema (docs/interfaces.md)::
 
@@ -68,7 +70,10 @@ class Manifest:
     params: dict[str, Any] = field(default_factory=dict)
     scans: dict[str, dict[str, Any]] = field(default_factory=dict)
     writing: dict[str, str] = field(default_factory=dict)
-    """Scans started and not yet recorded: key → ``<output folder>/<stem>`` (what a kill can leave half-written)."""
+    """Scans started and not yet recorded: key → ``<output folder>/<stem>``.
+
+    What a kill can leave half-written.
+    """
 
     @property
     def path(self) -> Path:
@@ -140,7 +145,11 @@ def _owned_prefixes(manifest: Manifest) -> dict[Path, set[str]]:
     owned: dict[Path, set[str]] = {out: {f".{name}{atomic.TEMP_MARKER}" for name in ROOT_FILES}}
     bases = [b for b in manifest.writing.values() if b]
     for entry in manifest.scans.values():
-        bases.extend(str(Path(rel).parent / (Path(rel).name.rsplit("_", 1)[0])) for rel in (entry.get("outputs") or {}).values() if rel)
+        bases.extend(
+            str(Path(rel).parent / (Path(rel).name.rsplit("_", 1)[0]))
+            for rel in (entry.get("outputs") or {}).values()
+            if rel
+        )
     for base in bases:
         rel = Path(base)
         if rel.is_absolute() or ".." in rel.parts:

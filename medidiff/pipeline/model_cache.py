@@ -1,4 +1,7 @@
-"""The models of a batch worker: each task's model loaded once per process, and its identity for the records."""
+"""The models of a batch worker.
+
+Each task's model is loaded once per process, with its identity for the records.
+"""
 
 from __future__ import annotations
 

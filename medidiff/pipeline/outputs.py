@@ -182,18 +182,23 @@ def scan_verdict(metrics: dict[str, Any], entry: dict[str, Any] | None = None) -
     return VERDICTS["enhanced"]
 
 
-def derivation_text(task: str, model: Any, settings: EnhanceSettings, result: Any, trust: TrustMaps | None) -> str:
+def derivation_text(
+    task: str, model: Any, settings: EnhanceSettings, result: Any, trust: TrustMaps | None
+) -> str:
     """DerivationDescription: what made the image (model, version, weights), the gate and the coverage."""
     ident = model_identity(model, task) if model is not None else {"name": "?"}
     m = result.metrics or {}
     parts = [
         f"medidiff {__version__} {_TASK_WORDS.get(task, task)}: conditional diffusion with data consistency",
-        f"model {ident.get('name', '?')}" + (f" weights sha256 {ident['weights_sha256']}" if "weights_sha256" in ident else ""),
+        f"model {ident.get('name', '?')}"
+        + (f" weights sha256 {ident['weights_sha256']}" if "weights_sha256" in ident else ""),
         f"K={settings.samples} sample(s), steps={settings.steps or 'default'}",
     ]
     if "residual_weight" in m:
         gain = m.get("self_check_gain_db")
-        gain_txt = f", predicted gain {float(gain):.2f} dB" if gain is not None and np.isfinite(float(gain)) else ""
+        gain_txt = (
+            f", predicted gain {float(gain):.2f} dB" if gain is not None and np.isfinite(float(gain)) else ""
+        )
         parts.append(f"gate weight {float(m['residual_weight']):.3f}{gain_txt}")
     if trust is not None and trust.calibration is not None:
         parts.append(f"uncertainty: {trust.calibration.describe()} from {calibration_set(trust.calibration)}")
@@ -263,7 +268,8 @@ def _write_dicom(job, result, output_root, settings, source_volume, task, trust,
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     number = int(first.SeriesNumber)
     companions = (
-        ("dicom_uncertainty", trust.uncertainty, trust.uncertainty_label.removeprefix("medidiff "), 1000, None),
+        ("dicom_uncertainty", trust.uncertainty, trust.uncertainty_label.removeprefix("medidiff "), 1000,
+         None),
         ("dicom_flags", trust.flags, "hallucination flags", 2000, DERIVATION_CODES["segmentation"]),
     )
     for key, vol, what, offset, code in companions:

@@ -1,4 +1,6 @@
-"""Ray execution of the batch: a pool of actors, each holding its own models, running the same per-scan function.
+"""Ray execution of the batch.
+
+A pool of actors, each holding its own models, runs the same per-scan function.
 
 ``--address`` joins an existing cluster (``ray start --head`` on Slurm / Kubernetes); without it a local
 Ray starts with this machine's CPUs. One GPU per actor when the cluster has GPUs, else one CPU per actor.

@@ -1,7 +1,7 @@
 """medidiff.review: look at a batch's results honestly (figures, a notebook viewer, MLflow run summaries).
 
-Notebooks in ``notebooks/`` only call what is exported here and in :mod:`medidiff.review.runs` (MLflow reading,
-running the ``medidiff`` command, recipes and example runs).
+Notebooks in ``notebooks/`` only call what is exported here and in :mod:`medidiff.review.runs` (MLflow
+reading, running the ``medidiff`` command, recipes and example runs).
 """
 
 from medidiff.review.batch import (

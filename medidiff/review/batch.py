@@ -74,7 +74,8 @@ class ScanEntry:
 def trust_summary(
     metrics: dict[str, Any], trust: dict[str, Any] | None = None, gate: dict[str, Any] | None = None
 ) -> dict[str, str]:
-    """One-line verdict, the gate's decision and predicted gain, the uncertainty's meaning, the flagged fraction.
+    """One-line verdict, the gate's decision and predicted gain, the uncertainty's meaning, the flagged
+    fraction.
 
     Works with whatever the manifest holds (older batches have no trust fields, or no gate decision).
     """
@@ -113,7 +114,10 @@ def trust_summary(
 
 @dataclass
 class ScanOutputs:
-    """A scan's review material on one voxel grid: before (baseline), enhanced, uncertainty, residual, metrics."""
+    """A scan's review material on one voxel grid.
+
+    Before (baseline), enhanced, uncertainty, residual, metrics.
+    """
 
     key: str
     enhanced: Volume
@@ -138,14 +142,21 @@ class ScanOutputs:
 
     @classmethod
     def from_result(cls, result: Any, key: str = "scan", task: str | None = None) -> ScanOutputs:
-        """Wrap an in-memory ``EnhanceResult`` (medidiff.pipeline.enhance) for review without writing files."""
+        """Wrap an in-memory ``EnhanceResult`` for review without writing files.
+
+        ``EnhanceResult`` comes from medidiff.pipeline.enhance.
+        """
         return cls(key=key, enhanced=result.enhanced, baseline=result.baseline,
-                   uncertainty=getattr(result, "uncertainty", None), residual=getattr(result, "residual", None),
+                   uncertainty=getattr(result, "uncertainty", None),
+                   residual=getattr(result, "residual", None),
                    metrics=dict(getattr(result, "metrics", {}) or {}), task=task)
 
 
 def load_volume(path: str | os.PathLike[str]) -> Volume:
-    """Read one output as a float32 Volume: a NIfTI file with nibabel, a DICOM series folder with medidiff.io."""
+    """Read one output as a float32 Volume.
+
+    A NIfTI file with nibabel, a DICOM series folder with medidiff.io.
+    """
     path = Path(path)
     if not path.exists():
         raise BatchError(path, "output file is missing")
@@ -211,11 +222,16 @@ class Batch:
                              f"manifest version {version!r} is not supported (expected {MANIFEST_VERSION})")
         scans = manifest.get("scans")
         if isinstance(scans, list):  # tolerate a list of records
-            scans = {str(rec.get("key", i)) if isinstance(rec, dict) else str(i): rec for i, rec in enumerate(scans)}
+            scans = {
+                str(rec.get("key", i)) if isinstance(rec, dict) else str(i): rec
+                for i, rec in enumerate(scans)
+            }
         if not isinstance(scans, dict):
             raise BatchError(self.manifest_path, "'scans' is missing or not an object")
         self.manifest: dict[str, Any] = manifest
-        self.scans: dict[str, ScanEntry] = {key: _entry(key, rec, self.manifest_path) for key, rec in scans.items()}
+        self.scans: dict[str, ScanEntry] = {
+            key: _entry(key, rec, self.manifest_path) for key, rec in scans.items()
+        }
 
     def __repr__(self) -> str:
         counts = self.counts()
@@ -246,25 +262,34 @@ class Batch:
             raise BatchError(self.manifest_path, f"no scan with key {key!r}; known keys: {known}") from None
 
     def output_path(self, key: str, name: str) -> Path | None:
-        """Absolute path of one output of a scan (None when the manifest records none, e.g. no uncertainty)."""
+        """Absolute path of one output of a scan.
+
+        None when the manifest records none, e.g. no uncertainty.
+        """
         entry = self.entry(key)
         rel = entry.outputs.get(name)
         if rel is None:
             return None
         path = (self.root / rel).resolve()
         if Path(rel).is_absolute() or self.root not in path.parents:
-            raise BatchError(self.manifest_path, f"scan {key!r}: output {name!r} points outside the folder: {rel}")
+            raise BatchError(
+                self.manifest_path, f"scan {key!r}: output {name!r} points outside the folder: {rel}"
+            )
         return path
 
     def load(self, key: str | None = None, outputs: Iterable[str] = OUTPUT_KEYS) -> ScanOutputs:
-        """Read a finished scan's outputs (enhanced and baseline required; uncertainty and residual if present).
+        """Read a finished scan's outputs.
+
+        Enhanced and baseline are required; uncertainty and residual are read if present.
 
         ``key=None`` picks the first finished scan of the manifest.
         """
         if key is None:
             done = self.keys()
             if not done:
-                raise BatchError(self.manifest_path, f"no finished scan to review ({self.counts() or 'no scans'})")
+                raise BatchError(
+                    self.manifest_path, f"no finished scan to review ({self.counts() or 'no scans'})"
+                )
             key = done[0]
         entry = self.entry(key)
         if not entry.done:

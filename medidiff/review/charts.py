@@ -51,8 +51,13 @@ def latest_run_id(kind: str, tracking_uri: str | None = None, status: str = "FIN
 
 
 def curve_metrics(runs: Any) -> list[str]:
-    """Metric names logged by the given runs (DataFrame rows from :func:`list_runs`), system metrics excluded."""
-    names = [c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any()]
+    """Metric names logged by the given runs, system metrics excluded.
+
+    ``runs`` are DataFrame rows from :func:`list_runs`.
+    """
+    names = [
+        c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any()
+    ]
     return [n for n in names if not n.startswith("system/")]
 
 
@@ -60,7 +65,10 @@ def training_curves(
     run_ids: Sequence[str] | None = None, metrics: Sequence[str] | None = None, *,
     tracking_uri: str | None = None, max_runs: int = 5, max_metrics: int = 6,
 ) -> Figure:
-    """Curves of training runs against step: one panel per metric, one line per run (newest runs by default)."""
+    """Curves of training runs against step.
+
+    One panel per metric, one line per run (newest runs by default).
+    """
     runs = list_runs("train", tracking_uri)
     if run_ids is not None:
         runs = runs[runs["run_id"].isin(list(run_ids))]
@@ -79,14 +87,16 @@ def training_curves(
     rows = (len(names) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         baseline = f"{name}_baseline"
         for i, (_, run) in enumerate(runs.iterrows()):
             label = f"{run['run_name'] or ''} ({run['run_id'][:8]})"
             for key, style, suffix in ((name, "-", ""), (baseline, "--", " baseline")):
-                history = metric_history(run["run_id"], key, tracking_uri=tracking_uri) if key in available else []
+                history = (
+                    metric_history(run["run_id"], key, tracking_uri=tracking_uri) if key in available else []
+                )
                 if history:
-                    steps, values = zip(*history)
+                    steps, values = zip(*history, strict=True)
                     ax.plot(steps, values, style, color=f"C{i}", marker="." if len(steps) < 30 else None,
                             label=label + suffix)
         ax.set_title(name + (" (dashed: degraded baseline)" if baseline in available else ""), fontsize=9)
@@ -159,7 +169,10 @@ def step_sweep(table: Any) -> Any:
 
 
 def quality_vs_steps(table: Any, metric: str = "psnr") -> Figure:
-    """Quality of medidiff against its sampling step count (with / without data consistency), baselines as lines."""
+    """Quality of medidiff against its sampling step count, baselines as lines.
+
+    medidiff is shown with and without data consistency.
+    """
     sweep = step_sweep(table)
     label = {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE", "hfen": "HFEN"}.get(metric, metric)
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
@@ -176,7 +189,8 @@ def quality_vs_steps(table: Any, metric: str = "psnr") -> Figure:
     styles = ["--", ":", "-."]
     for i, (_, row) in enumerate(baselines.iterrows()):
         if metric in row and pd_notna(row[metric]):
-            ax.axhline(float(row[metric]), color=f"C{i + 2}", linestyle=styles[i % 3], label=str(row["method"]))
+            ax.axhline(float(row[metric]), color=f"C{i + 2}", linestyle=styles[i % 3],
+                       label=str(row["method"]))
     ax.set_xlabel("sampling steps (network evaluations per sample)")
     ax.set_ylabel(label)
     ax.set_xticks(sorted(sweep["steps"].unique()))
@@ -196,10 +210,15 @@ def pd_notna(value: Any) -> bool:
 
 
 def read_evaluation_report(folder: str | os.PathLike[str], per_scan: bool = False) -> Any:
-    """The table `medidiff evaluate --out FOLDER` wrote (``summary.csv``, or ``per_scan.csv``) as a DataFrame."""
+    """The table `medidiff evaluate --out FOLDER` wrote, as a DataFrame.
+
+    ``summary.csv``, or ``per_scan.csv`` with ``per_scan``.
+    """
     import pandas as pd
 
     path = Path(folder) / ("per_scan.csv" if per_scan else "summary.csv")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no evaluation table here; did `medidiff evaluate --out {folder}` finish?")
+        raise FileNotFoundError(
+            f"{path}: no evaluation table here; did `medidiff evaluate --out {folder}` finish?"
+        )
     return pd.read_csv(path)

@@ -13,20 +13,28 @@ _MLFLOW_LOG = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO (mlflow|alembic)
 
 
 class CommandError(RuntimeError):
-    """A ``medidiff`` command run from a notebook failed; the message holds the command and its last output."""
+    """A ``medidiff`` command run from a notebook failed.
+
+    The message holds the command and its last output.
+    """
 
 
 def run_medidiff(
     args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None, ok_codes: Iterable[int] = (0,),
     env: dict[str, str] | None = None, echo: bool = True, tail_lines: int = 40,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m medidiff ARGS`` as a user would, echo its output, raise :class:`CommandError` on failure."""
+    """Run ``python -m medidiff ARGS`` as a user would and echo its output.
+
+    Raises :class:`CommandError` on failure.
+    """
     command = [sys.executable, "-m", "medidiff", *map(str, args)]
     # Plain text: no colours or animated progress bars (ipykernel sets FORCE_COLOR for its children), so an
     # executed notebook keeps the final tables, not thousands of redraws.
     full_env = {key: value for key, value in os.environ.items()
                 if key not in ("FORCE_COLOR", "CLICOLOR_FORCE", "CLICOLOR")}
-    full_env.update({"COLUMNS": "120", "NO_COLOR": "1", "TTY_INTERACTIVE": "0", "TERM": "dumb", **(env or {})})
+    full_env.update(
+        {"COLUMNS": "120", "NO_COLOR": "1", "TTY_INTERACTIVE": "0", "TERM": "dumb", **(env or {})}
+    )
     if echo:
         print("$ medidiff " + " ".join(map(str, args)), flush=True)
     start = time.perf_counter()

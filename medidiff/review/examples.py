@@ -26,11 +26,16 @@ from medidiff.tracking import resolve_uri
 
 
 def find_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
-    """The model folder that ``medidiff train --out folder`` wrote (``model/``; else the newest checkpoint), or None."""
+    """The model folder that ``medidiff train --out folder`` wrote, or None.
+
+    ``model/``; else the newest checkpoint.
+    """
     found = [cfg.parent for cfg in Path(folder).rglob("config.json") if any(cfg.parent.glob("*.safetensors"))]
     if not found:
         return None
-    return max(found, key=lambda p: (p.name == "model", max(f.stat().st_mtime for f in p.glob("*.safetensors"))))
+    return max(
+        found, key=lambda p: (p.name == "model", max(f.stat().st_mtime for f in p.glob("*.safetensors")))
+    )
 
 
 def shipped_model_available(task: str = "sr") -> bool:
@@ -49,8 +54,9 @@ def ensure_example_runs(
 ) -> dict[str, Any]:
     """Make sure the store holds a finished training run and evaluate run, making short ones if it does not.
 
-    Training runs ``medidiff train --config RECIPE``; evaluation runs ``medidiff evaluate --data shipped --task sr``
-    on ``eval_scans`` held-out scans with the shipped model (or the model just trained when none is shipped).
+    Training runs ``medidiff train --config RECIPE``; evaluation runs
+    ``medidiff evaluate --data shipped --task sr`` on ``eval_scans`` held-out scans with the shipped model
+    (or the model just trained when none is shipped).
     Returns what was found or made: ``{"uri", "train_run", "evaluate_run", "made": [...]}``.
     """
     uri = resolve_uri(tracking_uri)
@@ -58,7 +64,8 @@ def ensure_example_runs(
     made: list[str] = []
     train_run = latest_run_id("train", uri)
     if train_run is None:
-        args = ["train", "--config", str(recipe_path(recipe)), "--out", str(workdir / "train"), "--tracking-uri", uri]
+        args = ["train", "--config", str(recipe_path(recipe)), "--out", str(workdir / "train"),
+                "--tracking-uri", uri]
         if train_steps is not None:
             args += ["--max-steps", str(train_steps)]
         run_medidiff(args)
@@ -69,8 +76,9 @@ def ensure_example_runs(
         if model is None and not shipped_model_available("sr"):
             trained = find_checkpoint(workdir / "train")
             model = str(trained) if trained else None
-        args = ["evaluate", "--data", "shipped", "--task", "sr", "--methods", eval_methods, "--steps", eval_steps,
-                "--max-scans", str(eval_scans), "--out", str(workdir / "evaluate"), "--tracking-uri", uri]
+        args = ["evaluate", "--data", "shipped", "--task", "sr", "--methods", eval_methods,
+                "--steps", eval_steps, "--max-scans", str(eval_scans), "--out", str(workdir / "evaluate"),
+                "--tracking-uri", uri]
         if model:
             args += ["--model", model]
         run_medidiff(args)
@@ -110,7 +118,10 @@ def stage_inputs(
     simulated: str | os.PathLike[str], dst: str | os.PathLike[str], *, limit: int | None = 1,
     suffixes: Sequence[str] = ("_lr.nii.gz", "_kspace.h5"),
 ) -> Path:
-    """Copy degraded inputs (not their references) from a `medidiff simulate` folder into ``dst`` for enhancing."""
+    """Copy degraded inputs from a `medidiff simulate` folder into ``dst`` for enhancing.
+
+    Their references are not copied.
+    """
     simulated, dst = Path(simulated), Path(dst)
     inputs = sorted(p for p in simulated.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
     if not inputs:

@@ -77,7 +77,9 @@ def _check_view(view: str, convention: str) -> None:
     if view not in VIEWS:
         raise ReviewError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
     if convention not in CONVENTIONS:
-        raise ReviewError(f"unknown display convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+        raise ReviewError(
+            f"unknown display convention {convention!r}; choose one of {', '.join(CONVENTIONS)}"
+        )
 
 
 def orientation_labels(view: str, convention: str = "radiological") -> dict[str, str]:
@@ -96,7 +98,10 @@ def orientation_labels(view: str, convention: str = "radiological") -> dict[str,
 
 
 def useful_views(vol: Volume) -> tuple[str, ...]:
-    """Views whose slices are 2D images (a single-slice scan has only its acquisition plane); all if none are."""
+    """Views whose slices are 2D images; all if none are.
+
+    A single-slice scan has only its acquisition plane.
+    """
     shape = canonical(vol).shape
     views = tuple(v for v in VIEWS if shape[_VIEW_AXES[v][1]] > 1 and shape[_VIEW_AXES[v][2]] > 1)
     return views or VIEWS
@@ -382,7 +387,10 @@ def scan_figure(
     convention: str = "radiological", units: str = "a.u.", before_label: str = "before",
     title: str | None = None, metrics: Mapping[str, Any] | None = None, dpi: int = 100,
 ) -> Figure:
-    """One slice of a scan as four panels: before, enhanced (+ high-uncertainty overlay), difference, uncertainty."""
+    """One slice of a scan as four panels.
+
+    Before, enhanced (+ high-uncertainty overlay), difference, uncertainty.
+    """
     if limits is None:
         limits = display_limits(before, enhanced, uncertainty, window=window, level=level,
                                 overlay_percentile=overlay_percentile)
@@ -443,7 +451,10 @@ def write_png(data: bytes | Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def show(fig: Figure, dpi: int | None = None) -> None:
-    """Display a figure in a notebook as a PNG (works under any matplotlib backend, also when executed headless)."""
+    """Display a figure in a notebook as a PNG.
+
+    Works under any matplotlib backend, also when executed headless.
+    """
     from IPython.display import Image, display
 
     display(Image(data=figure_png(fig, dpi)))

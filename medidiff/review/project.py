@@ -27,7 +27,10 @@ def default_tracking_uri(tracking_uri: str | None = None) -> str:
 
 
 def workspace(name: str) -> Path:
-    """A folder for what a notebook writes: ``out/<name>`` at the checkout's root (git-ignored), else ``./<name>``."""
+    """A folder for what a notebook writes.
+
+    ``out/<name>`` at the checkout's root (git-ignored), else ``./<name>``.
+    """
     root = find_project_root()
     folder = (root / "out" / name) if root else Path(name).resolve()
     folder.mkdir(parents=True, exist_ok=True)

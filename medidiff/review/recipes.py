@@ -13,7 +13,10 @@ from medidiff.recipe import load_recipe
 
 
 def recipe_path(recipe: str | os.PathLike[str]) -> Path:
-    """A recipe given as a path, or relative to the checkout (``pipelines/smoke.yaml`` works from any folder)."""
+    """A recipe given as a path, or relative to the checkout.
+
+    ``pipelines/smoke.yaml`` works from any folder.
+    """
     path = Path(recipe).expanduser()
     if path.is_file():
         return path.resolve()
@@ -24,10 +27,12 @@ def recipe_path(recipe: str | os.PathLike[str]) -> Path:
 
 
 def training_recipe(
-    recipe: str | os.PathLike[str], out: str | os.PathLike[str], *, folders: Sequence[str | os.PathLike[str]] = (),
-    steps: int | None = None, minutes: float | None = None,
+    recipe: str | os.PathLike[str], out: str | os.PathLike[str], *,
+    folders: Sequence[str | os.PathLike[str]] = (), steps: int | None = None, minutes: float | None = None,
 ) -> Path:
-    """Write a copy of ``recipe`` with training settings changed (validated by the recipe loader); returns its path.
+    """Write a copy of ``recipe`` with training settings changed; returns its path.
+
+    The copy is validated by the recipe loader.
 
     ``folders`` go into ``data.folders`` (as absolute paths): every scan found there joins the recipe's own
     training data (its synthetic subjects and shipped scans, if any).

@@ -1,12 +1,15 @@
-"""``OUT/report.html``: one self-contained page (inline base64 PNGs, no scripts, no links) for reviewing a batch.
+"""``OUT/report.html``: one self-contained page for reviewing a batch.
+
+Inline base64 PNGs, no scripts, no links.
 
 Per finished scan: the middle slice before (baseline back-projection), after (enhanced), their difference
 and the sampling uncertainty, with the scan's metrics. Built from the manifest and the NIfTI outputs, so it
 covers every scan of a resumed batch. Shows anonymous scan keys only, never patient data.
 
-Panels are drawn by :mod:`medidiff.review.figures` (the notebooks' code): volumes reoriented to the closest RAS
-order without resampling, radiological convention, true aspect from the affine spacing, orientation letters,
-fixed colour maps with unit-labelled colour bars and one set of intensity limits per scan.
+Panels are drawn by :mod:`medidiff.review.figures` (the notebooks' code): volumes reoriented to the
+closest RAS order without resampling, radiological convention, true aspect from the affine spacing,
+orientation letters, fixed colour maps with unit-labelled colour bars and one set of intensity limits per
+scan.
 """
 
 from __future__ import annotations
@@ -51,9 +54,13 @@ _AXIS_NAME = {"axial": "S", "coronal": "A", "sagittal": "R"}
 
 @dataclass(frozen=True)
 class ScanPreview:
-    """Oriented middle slices of one finished scan (screen order, mm extents) and the scan-wide display limits."""
+    """Oriented middle slices of one finished scan and the scan-wide display limits.
 
-    slices: dict[str, SliceView]  # before, after, difference (after − before), uncertainty, flags; as available
+    Slices are in screen order with mm extents.
+    """
+
+    # before, after, difference (after − before), uncertainty, flags; as available
+    slices: dict[str, SliceView]
     limits: DisplayLimits
     units: str = "a.u."
     uncertainty_label: str = "standard deviation"
@@ -102,7 +109,9 @@ def scan_preview(output_root: Path, entry: dict[str, Any]) -> ScanPreview | None
     root = Path(output_root)
     after = canonical(load_volume(root / outputs["enhanced"]))
     before = canonical(load_volume(root / outputs["baseline"]))
-    uncertainty = canonical(load_volume(root / outputs["uncertainty"])) if outputs.get("uncertainty") else None
+    uncertainty = (
+        canonical(load_volume(root / outputs["uncertainty"])) if outputs.get("uncertainty") else None
+    )
     flags = canonical(load_volume(root / outputs["flags"])) if outputs.get("flags") else None
     paired = _on_grid(after, before)
     if not _on_grid(after, uncertainty):
@@ -120,15 +129,21 @@ def scan_preview(output_root: Path, entry: dict[str, Any]) -> ScanPreview | None
     if flags is not None:
         slices["flags"] = oriented_slice(flags, view, assume_canonical=True)
     calibrated = bool((entry.get("trust") or {}).get("coverage"))
-    label = f"{100 * float(entry['trust']['coverage']):g}% interval half-width" if calibrated else "standard deviation"
-    return ScanPreview({name: slices[name] for name in PANELS if name in slices}, limits, uncertainty_label=label)
+    label = (
+        f"{100 * float(entry['trust']['coverage']):g}% interval half-width" if calibrated
+        else "standard deviation"
+    )
+    panels = {name: slices[name] for name in PANELS if name in slices}
+    return ScanPreview(panels, limits, uncertainty_label=label)
 
 
 def _panel_rgb(
-    name: str, sl: SliceView, limits: DisplayLimits, units: str, *, uncertainty_label: str = "standard deviation",
-    flags: SliceView | None = None,
+    name: str, sl: SliceView, limits: DisplayLimits, units: str, *,
+    uncertainty_label: str = "standard deviation", flags: SliceView | None = None,
 ) -> np.ndarray:
-    """One panel drawn by the review figures' code (true aspect, orientation letters, colour bar) as uint8 RGB.
+    """One panel drawn by the review figures' code as uint8 RGB.
+
+    True aspect, orientation letters, colour bar.
 
     With ``flags`` the slice is drawn with the flagged voxels in red (fill and contour) on top."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -153,7 +168,10 @@ def _panel_rgb(
 
 
 def panel_images(preview: ScanPreview) -> dict[str, np.ndarray]:
-    """uint8 RGB image per panel (before, after, difference, uncertainty, flags over after; those available)."""
+    """uint8 RGB image per panel.
+
+    Before, after, difference, uncertainty, flags over after; those available.
+    """
     out = {}
     for name, sl in preview.slices.items():
         if name == "flags":
@@ -213,10 +231,11 @@ def render_report(output_root: Path, manifest: dict[str, Any]) -> str:
             f"Generated {html.escape(time.strftime('%Y-%m-%d %H:%M'))}."
             " Panels: middle slice of the operator back-projection (<b>before</b>), the enhanced image "
             "(<b>after</b>), after − before (<b>difference</b>, red = brighter) and the per-voxel standard "
-            "deviation over samples or, with a calibrated model, the half-width of a per-voxel interval at the stated "
-            "coverage (<b>uncertainty</b>), and the enhanced image with the hallucination flags in red (<b>flags</b>: "
-            "structure the measurement does not support). Each scan starts with a one-line verdict, the gate's "
-            "decision and predicted gain. Derived images are for research use, not primary diagnosis. Slices follow the anatomy whatever the voxel order "
+            "deviation over samples or, with a calibrated model, the half-width of a per-voxel interval at "
+            "the stated coverage (<b>uncertainty</b>), and the enhanced image with the hallucination flags "
+            "in red (<b>flags</b>: structure the measurement does not support). Each scan starts with a "
+            "one-line verdict, the gate's decision and predicted gain. Derived images are for research use, "
+            "not primary diagnosis. Slices follow the anatomy whatever the voxel order "
             "on disk (radiological convention: the patient's right on the screen's left; letters mark the "
             "directions), are drawn in millimetres (true aspect) and share one intensity scale per scan.</p>"
         ),
@@ -226,7 +245,8 @@ def render_report(output_root: Path, manifest: dict[str, Any]) -> str:
         parts.append(_scan_section(output_root, entry))
     if failed:
         parts.append(
-            "<div class='scan'><h2 class='failed'>failed scans</h2><table><tr><th>scan</th><th>error</th></tr>"
+            "<div class='scan'><h2 class='failed'>failed scans</h2>"
+            "<table><tr><th>scan</th><th>error</th></tr>"
         )
         for entry in sorted(failed, key=lambda e: e["key"]):
             parts.append(
@@ -266,7 +286,9 @@ def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
         "before": BEFORE.get(str(entry.get("task")), "before"),
         "after": "after: enhanced",
         "difference": "after − before",
-        "uncertainty": "calibrated interval half-width" if calibrated else "uncertainty (SD over samples, uncalibrated)",
+        "uncertainty": (
+            "calibrated interval half-width" if calibrated else "uncertainty (SD over samples, uncalibrated)"
+        ),
         "flags": "flags (red): check these regions",
     }
     figs = "".join(
@@ -278,7 +300,10 @@ def _scan_section(output_root: Path, entry: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(k)}</td><td>{'-' if v is None else f'{v:.4g}'}</td></tr>"
         for k, v in sorted((entry.get("metrics") or {}).items())
     )
-    return f"{head}<div class='panels'>{figs}</div><table><tr><th>metric</th><th>value</th></tr>{rows}</table></div>"
+    return (
+        f"{head}<div class='panels'>{figs}</div>"
+        f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table></div>"
+    )
 
 
 def _gate_fields(entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
-"""What the run-comparison and training notebooks call, in one namespace (``from medidiff.review import runs``).
+"""What the run-comparison and training notebooks call, in one namespace.
+
+Import it as ``from medidiff.review import runs``.
 
 Reading MLflow runs as tables and figures (:mod:`~medidiff.review.charts`), running the ``medidiff`` command
 (:mod:`~medidiff.review.command`), finding the checkout and its store (:mod:`~medidiff.review.project`),
-training recipes (:mod:`~medidiff.review.recipes`) and example runs and scans (:mod:`~medidiff.review.examples`).
+training recipes (:mod:`~medidiff.review.recipes`) and example runs and scans
+(:mod:`~medidiff.review.examples`).
 """
 
 from medidiff.review.charts import (

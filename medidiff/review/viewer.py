@@ -54,7 +54,10 @@ def metrics_html(metrics: dict[str, Any], title: str = "metrics") -> str:
 
 
 class ReviewViewer:
-    """An ipywidgets viewer for one scan. Display it as a notebook cell's last expression, or ``viewer.widget``."""
+    """An ipywidgets viewer for one scan.
+
+    Display it as a notebook cell's last expression, or ``viewer.widget``.
+    """
 
     def __init__(
         self, scan: ScanOutputs, *, view: str = "axial", convention: str = "radiological",
@@ -69,7 +72,9 @@ class ReviewViewer:
         view = view if view in views else views[0]
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
-        check_same_grid({"enhanced": scan.enhanced, "baseline": scan.baseline, "uncertainty": scan.uncertainty})
+        check_same_grid(
+            {"enhanced": scan.enhanced, "baseline": scan.baseline, "uncertainty": scan.uncertainty}
+        )
         self.scan = scan
         self.convention = convention
         self.dpi = dpi
@@ -91,13 +96,15 @@ class ReviewViewer:
         self.window = w.FloatSlider(description="window", min=span / 100, max=max(2 * (hi - lo), span),
                                     value=self._auto.window, step=span / 200, continuous_update=False,
                                     readout_format=".4g")
-        self.level = w.FloatSlider(description="level", min=lo, max=max(hi, lo + span), value=self._auto.level,
-                                   step=span / 200, continuous_update=False, readout_format=".4g")
+        self.level = w.FloatSlider(description="level", min=lo, max=max(hi, lo + span),
+                                   value=self._auto.level, step=span / 200, continuous_update=False,
+                                   readout_format=".4g")
         self.reset = w.Button(description="reset window/level", tooltip="robust 0.5-99.5 % range of the scan")
         has_sd = self._uncertainty is not None
         self.overlay = w.Checkbox(value=has_sd, disabled=not has_sd, description="highlight high uncertainty")
         self.percentile = w.FloatSlider(description="above pct", min=50.0, max=99.9, step=0.1,
-                                        value=overlay_percentile, disabled=not has_sd, continuous_update=False)
+                                        value=overlay_percentile, disabled=not has_sd,
+                                        continuous_update=False)
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
         self.metrics = w.HTML(metrics_html(scan.metrics, f"scan {scan.key} · task {scan.task or '?'}"))
         self.export_name = w.Text(description="PNG file", value="", layout=w.Layout(width="28em"))
@@ -159,8 +166,9 @@ class ReviewViewer:
     def figure(self, dpi: int | None = None) -> Figure:
         """The current view as a matplotlib Figure."""
         return scan_figure(
-            self._before, self._enhanced, self._uncertainty, view=self.view.value, index=int(self.slice.value),
-            limits=self.limits, overlay=bool(self.overlay.value), convention=self.convention,
+            self._before, self._enhanced, self._uncertainty, view=self.view.value,
+            index=int(self.slice.value), limits=self.limits, overlay=bool(self.overlay.value),
+            convention=self.convention,
             before_label=self.scan.before_label, title=f"scan {self.scan.key} · task {self.scan.task or '?'}",
             dpi=dpi or self.dpi,
         )
@@ -180,8 +188,10 @@ class ReviewViewer:
         """Write the current view (with its title, metrics and colour bars) as a PNG; returns the path."""
         target = Path(path) if path is not None else self.export_dir / self.default_export_name()
         fig = self.figure(dpi=dpi or self.export_dpi)
-        fig.suptitle(f"scan {self.scan.key} · task {self.scan.task or '?'}\n{format_metrics(self.scan.metrics)}",
-                     fontsize=10)
+        fig.suptitle(
+            f"scan {self.scan.key} · task {self.scan.task or '?'}\n{format_metrics(self.scan.metrics)}",
+            fontsize=10,
+        )
         return write_png(fig, target)
 
     def _on_export(self) -> None:

@@ -53,7 +53,9 @@ def test_data_cli_preview_writes_a_figure_of_training_pairs(tmp_path: Path):
     assert 500 < w < 1500 and 700 < h < 1500  # 3 columns x 4 rows of 2.5-inch panels at 100 dpi
     assert pixels.std() > 10  # images, not a blank canvas
     again = tmp_path / "again.png"
-    subprocess.run([*cmd[:-5], str(again), "--n", "4", "--seed", "3"], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [*cmd[:-5], str(again), "--n", "4", "--seed", "3"], check=True, capture_output=True, timeout=180
+    )
     assert again.read_bytes() == out.read_bytes()  # the same seed draws the same batch
 
 
@@ -61,6 +63,7 @@ def test_data_cli_preview_names_a_bad_recipe(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {mixture: {brains: 1}}\n")
     exe = Path(sys.executable).parent / "medidiff"
-    res = subprocess.run([str(exe), "data", "preview", "--config", str(bad), "--out", str(tmp_path / "p.png")],
+    res = subprocess.run([str(exe), "data", "preview", "--config", str(bad),
+                          "--out", str(tmp_path / "p.png")],
                          check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "data.mixture" in res.stderr and not (tmp_path / "p.png").exists()

@@ -29,7 +29,8 @@ def test_recipe_names_the_sources_the_mixture_draws_from():
     assert MIXTURE_SOURCES == SOURCES
 
 
-@pytest.mark.parametrize("mixture, message", [({"brain": 1.0}, "unknown source"), ({"synthetic": -1.0}, ">= 0"),
+@pytest.mark.parametrize("mixture, message", [({"brain": 1.0}, "unknown source"),
+                                              ({"synthetic": -1.0}, ">= 0"),
                                               ({"synthetic": 0.0}, "at least one")])
 def test_bad_mixture_named(tmp_path, mixture, message):
     p = tmp_path / "bad.yaml"
@@ -51,7 +52,7 @@ def test_first_batch_is_seeded(kind):
     a = s.batch(3, torch.Generator().manual_seed(5))
     b = s.batch(3, torch.Generator().manual_seed(5))
     c = s.batch(3, torch.Generator().manual_seed(6))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     other_seed = MixtureSampler(_recipe(kind, seed=1)).batch(3, torch.Generator().manual_seed(5))
     assert not torch.equal(a[0], other_seed[0])  # data.seed changes the images too

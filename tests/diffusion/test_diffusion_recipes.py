@@ -65,14 +65,19 @@ def test_missing_file_and_overrides(tmp_path):
 
 
 def test_training_folders_must_exist(tmp_path, monkeypatch):
-    """data.folders: a missing folder is named with the recipe file and the key; relative paths use the cwd."""
+    """data.folders: a missing folder is named with the recipe file and the key.
+
+    Relative paths use the cwd."""
     (tmp_path / "scans").mkdir()
     monkeypatch.chdir(tmp_path)
     text = "data: {synthetic_subjects: 0, real_training: false, folders: [scans, missing_scans]}\n"
-    with pytest.raises(RecipeError, match=r"bad\.yaml: data\.folders\[1\] 'missing_scans' does not exist") as err:
+    missing = r"bad\.yaml: data\.folders\[1\] 'missing_scans' does not exist"
+    with pytest.raises(RecipeError, match=missing) as err:
         load_recipe(_write(tmp_path, text))
     assert str(tmp_path / "missing_scans") in str(err.value)
-    recipe = load_recipe(_write(tmp_path, "data: {synthetic_subjects: 0, real_training: false, folders: [scans]}\n"))
+    recipe = load_recipe(
+        _write(tmp_path, "data: {synthetic_subjects: 0, real_training: false, folders: [scans]}\n")
+    )
     assert recipe.data.folders == ("scans",) and recipe.to_dict()["data"]["folders"] == ["scans"]
     with pytest.raises(RecipeError, match="no training volumes"):  # still needs some data
         load_recipe(_write(tmp_path, "data: {synthetic_subjects: 0, real_training: false, folders: []}\n"))

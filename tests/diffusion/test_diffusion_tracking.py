@@ -11,15 +11,17 @@ from medidiff.tracking import metric_history, scrub, search_runs, tracking_run
 
 
 def test_scrub_drops_patient_identifiers():
-    clean = scrub({"PatientName": "DOE^JOHN", "patient_id": "123", "AccessionNumber": "A1", "PatientBirthDate": "1970",
-                   "nested": {"Patient ID": "9", "ok": 1}, "note": "PatientName=DOE", "steps": 4})
+    clean = scrub({"PatientName": "DOE^JOHN", "patient_id": "123", "AccessionNumber": "A1",
+                   "PatientBirthDate": "1970", "nested": {"Patient ID": "9", "ok": 1},
+                   "note": "PatientName=DOE", "steps": 4})
     assert clean == {"nested": {"ok": 1}, "steps": 4}
 
 
 def test_logged_run_has_no_phi_and_reads_back(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     with tracking_run("unit", run_name="r", tracking_uri=uri, system_metrics=False,
-                      params={"task": {"kind": "sr"}, "PatientName": "DOE^JOHN"}, tags={"AccessionNumber": "X"}) as tr:
+                      params={"task": {"kind": "sr"}, "PatientName": "DOE^JOHN"},
+                      tags={"AccessionNumber": "X"}) as tr:
         assert tr.active and tr.run_id
         tr.log_metrics({"psnr": 30.0}, step=1)
         tr.log_metrics({"psnr": 31.0, "bad": float("nan")}, step=2)
@@ -28,7 +30,9 @@ def test_logged_run_has_no_phi_and_reads_back(tmp_path):
         tr.log_table([{"scan": "a", "psnr": 1.0, "PatientName": "X"}], "table.csv")
         run_id = tr.run_id
     with sqlite3.connect(tmp_path / "m.db") as db:
-        dump = "\n".join(str(r) for t in ("params", "tags", "metrics") for r in db.execute(f"select * from {t}"))
+        dump = "\n".join(
+            str(r) for t in ("params", "tags", "metrics") for r in db.execute(f"select * from {t}")
+        )
     assert "DOE" not in dump and "Accession" not in dump and "task.kind" in dump
     assert metric_history(run_id, "psnr", tracking_uri=uri) == [(1, 30.0), (2, 31.0)]
     assert len(search_runs("medidiff-unit", tracking_uri=uri)) == 1
@@ -50,7 +54,9 @@ def test_without_mlflow_a_noop_tracker(monkeypatch):
 
 
 def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
-    """A new experiment of a SQLite store puts artifacts in mlartifacts/ beside the .db, not in ./mlruns of cwd."""
+    """A new experiment of a SQLite store puts artifacts in mlartifacts/ beside the .db.
+
+    Not in ./mlruns of the cwd."""
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -64,5 +70,7 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
     assert len(found) == 1 and run_id in str(found[0]) and found[0].read_text() == "hello"
     assert list(elsewhere.iterdir()) == []  # no mlruns/ (or anything else) in the working directory
     with sqlite3.connect(tmp_path / "sub" / "mlflow.db") as db:
-        location = db.execute("select artifact_location from experiments where name = 'medidiff-artifacts'").fetchone()
+        location = db.execute(
+            "select artifact_location from experiments where name = 'medidiff-artifacts'"
+        ).fetchone()
     assert location[0] == (tmp_path / "sub" / "mlartifacts").as_uri()

@@ -43,7 +43,8 @@ def test_smoke_training_cli_writes_sqlite_store(tmp_path, monkeypatch):
         params = dict(db.execute("select key, value from params").fetchall())
         loss_points = db.execute("select count(*) from metrics where key = 'train/loss'").fetchone()[0]
         val = db.execute("select value from metrics where key = 'val/psnr'").fetchall()
-    assert params["task.kind"] == "sr" and params["train.steps"] == "20" and params["diffusion.scheduler"] == "ddim"
+    assert params["task.kind"] == "sr" and params["train.steps"] == "20"
+    assert params["diffusion.scheduler"] == "ddim"
     assert loss_points >= 4 and len(val) >= 1 and val[0][0] > 10
 
     runs = search_runs("medidiff-train")
@@ -77,7 +78,9 @@ def test_training_against_real_mlflow_server(tmp_path):
                     pytest.fail("mlflow server did not start")
                 time.sleep(1)
         recipe = load_recipe(SMOKE)
-        res = train(recipe, tmp_path / "run", max_steps=10, tracking_uri=uri, device="cpu", show_progress=False)
+        res = train(
+            recipe, tmp_path / "run", max_steps=10, tracking_uri=uri, device="cpu", show_progress=False
+        )
         assert res.run_id
         hist = metric_history(res.run_id, "train/loss", tracking_uri=uri)
         assert [s for s, _ in hist] == [5, 10]
@@ -120,7 +123,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_with_a_new_time_cap_is_not_a_recipe_change(tmp_path):
-    """--resume --max-minutes N changes how long to run, not what is trained: no warning, the new cap holds."""
+    """--resume --max-minutes N changes how long to run, not what is trained.
+
+    No warning, and the new cap holds."""
     import warnings
 
     from medidiff.recipe import with_overrides
@@ -145,14 +150,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "medidiff", "train", "--config", str(SMOKE), "--out", str(tmp_path / "ddp"),
            "--max-steps", "4", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = json.loads((tmp_path / "ddp/model/config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["step"] == 4
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path):
-    """Fine-tuning: with --init-from, step 0 weights are the source model's, and training moves on from there."""
+    """Fine-tuning: with --init-from, step 0 weights are the source model's.
+
+    Training moves on from there."""
     recipe = load_recipe(SMOKE)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from medidiff.recipe import with_overrides
@@ -160,9 +169,13 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     other_init = with_overrides(recipe, train={"seed": 123})  # a source model with a different initialisation
     train(other_init, tmp_path / "src", max_steps=3, tracking_uri=uri, device="cpu", show_progress=False)
     src = load_file(str(tmp_path / "src/model/model.safetensors"))
-    fresh = train(recipe, tmp_path / "fresh", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False)
-    tuned = train(recipe, tmp_path / "tuned", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False,
-                  init_from=tmp_path / "src/model")
+    fresh = train(
+        recipe, tmp_path / "fresh", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False
+    )
+    tuned = train(
+        recipe, tmp_path / "tuned", max_steps=1, tracking_uri=uri, device="cpu", show_progress=False,
+        init_from=tmp_path / "src/model",
+    )
     assert fresh.step == tuned.step == 1
     fresh_w = load_file(str(tmp_path / "fresh/checkpoint/train_state.safetensors"))
     tuned_w = load_file(str(tmp_path / "tuned/checkpoint/train_state.safetensors"))
@@ -174,14 +187,17 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
 
 
 def test_training_on_a_folder_of_user_scans_alone(tmp_path, monkeypatch):
-    """data.folders (relative to the cwd) with no synthetic or shipped data: the model trains on those scans only."""
+    """data.folders (relative to the cwd) with no synthetic or shipped data.
+
+    The model trains on those scans only."""
     import nilearn
 
     from medidiff.data.pairs import fingerprint, training_pairs
     from medidiff.io import Volume, read_nifti, write_nifti
     from medidiff.recipe import with_overrides
 
-    mni = read_nifti(Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    mni_name = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    mni = read_nifti(Path(nilearn.__file__).parent / "datasets/data" / mni_name)
     crop = Volume(mni.array[66:130, 84:148, 90:98], mni.affine)  # 64 x 64 x 8 through the brain
     (tmp_path / "my_scans" / "site").mkdir(parents=True)
     write_nifti(crop, tmp_path / "my_scans" / "site" / "t1.nii.gz")
@@ -189,10 +205,13 @@ def test_training_on_a_folder_of_user_scans_alone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     smoke = load_recipe(SMOKE)
-    mine = with_overrides(smoke, data={"folders": ["my_scans"], "synthetic_subjects": 0, "real_training": False})
+    mine = with_overrides(
+        smoke, data={"folders": ["my_scans"], "synthetic_subjects": 0, "real_training": False}
+    )
     pairs = training_pairs(mine)
     assert pairs and all(q.target.shape == (64, 64) for q in pairs)  # only the 64x64 planes of the crop
-    with pytest.warns(UserWarning, match="unreachable"):  # no store: this test is about the data, and stays fast
+    # no store: this test is about the data, and stays fast
+    with pytest.warns(UserWarning, match="unreachable"):
         res = train(mine, tmp_path / "mine", max_steps=2, tracking_uri=f"http://127.0.0.1:{_free_port()}",
                     device="cpu", show_progress=False)
     assert res.step == 2 and (tmp_path / "mine/model/model.safetensors").is_file()
@@ -205,9 +224,13 @@ def test_training_on_a_folder_of_user_scans_alone(tmp_path, monkeypatch):
 def _mixture_recipe(kind: str):
     from medidiff.recipe import with_overrides
 
-    task = {"sr": {"kind": "sr", "factor": 2}, "sr_thick": {"kind": "sr_thick", "factor": 4},
-            "recon": {"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08, "mask": "equispaced"}}[kind]
-    return with_overrides(load_recipe(SMOKE), task=task, model={"neighbours": 1 if kind == "sr_thick" else 0},
+    task = {
+        "sr": {"kind": "sr", "factor": 2},
+        "sr_thick": {"kind": "sr_thick", "factor": 4},
+        "recon": {"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08, "mask": "equispaced"},
+    }[kind]
+    return with_overrides(load_recipe(SMOKE), task=task,
+                          model={"neighbours": 1 if kind == "sr_thick" else 0},
                           data={"mixture": {"synthetic": 0.5, "natural": 0.3, "mri": 0.2}},
                           train={"val_every": 100, "ckpt_every": 3})
 
@@ -251,7 +274,9 @@ def test_training_log_has_plain_progress_lines(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "medidiff", "train", "--config", str(recipe), "--out", str(tmp_path / "run"),
            "--max-steps", "10", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert any(ln.startswith("step 5/10 loss ") and ln.endswith("steps/s") for ln in lines), proc.stdout

@@ -44,7 +44,8 @@ def _write_sr_folder(root: Path) -> None:
         ref = base.with_array(np.roll(base.array, 5 * k, axis=0))
         lr = KSpaceTruncation(2).A(torch.from_numpy(np.moveaxis(ref.array, 2, 0))).numpy()
         write_nifti(ref, root / f"{stem}_ref.nii.gz")
-        write_nifti(Volume(np.moveaxis(lr, 0, 2), ref.affine @ np.diag([2, 2, 1, 1.0])), root / f"{stem}_lr.nii.gz")
+        lr_vol = Volume(np.moveaxis(lr, 0, 2), ref.affine @ np.diag([2, 2, 1, 1.0]))
+        write_nifti(lr_vol, root / f"{stem}_lr.nii.gz")
 
 
 def _write_recon_folder(root: Path) -> None:
@@ -59,7 +60,9 @@ def _write_recon_folder(root: Path) -> None:
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    return subprocess.run([*MEDIDIFF, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*MEDIDIFF, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _tiny_models(root: Path) -> tuple[Path, Path]:
@@ -109,8 +112,9 @@ def test_evaluate_sr_writes_tables_figures_and_an_mlflow_run(tmp_path: Path) -> 
     assert float(summary[0]["psnr"]) == pytest.approx(mean_sinc)
     assert "## Mean over scans" in (out / "report.md").read_text()
     assert "## Targets" in (out / "report.md").read_text()
-    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["gate_scatter.png", "psnr_per_scan.png",
-                                                                   "scan_a.png", "scan_b.png"]
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
+        "gate_scatter.png", "psnr_per_scan.png", "scan_a.png", "scan_b.png"
+    ]
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -1,4 +1,7 @@
-"""Evaluation panels: per-slice held-out cases, the out-of-domain panel, through-plane SR and the gate scatter."""
+"""Evaluation panels.
+
+Per-slice held-out cases, the out-of-domain panel, through-plane SR and the gate scatter.
+"""
 
 import csv
 import os
@@ -22,9 +25,13 @@ def test_heldout_panel_is_one_case_per_slice():
     per_volume = {}
     for n in names:
         per_volume.setdefault(n.split("/")[0], []).append(n)
-    assert set(per_volume) == {"dipy_t1_coronal_slice", "dipy_aniso_vox", "dipy_S0_10slices", "pydicom_MR_small"}
+    assert set(per_volume) == {
+        "dipy_t1_coronal_slice", "dipy_aniso_vox", "dipy_S0_10slices", "pydicom_MR_small"
+    }
     assert all(len(v) <= 3 for v in per_volume.values()) and len(per_volume["dipy_S0_10slices"]) == 3
-    assert all(c.lr.shape[2] == 1 and c.reference.shape[:2] == (2 * c.lr.shape[0], 2 * c.lr.shape[1]) for c in cases)
+    assert all(
+        c.lr.shape[2] == 1 and c.reference.shape[:2] == (2 * c.lr.shape[0], 2 * c.lr.shape[1]) for c in cases
+    )
 
 
 def test_ood_panel_has_noisy_natural_images_and_unseen_pixel_sizes():

@@ -1,4 +1,7 @@
-"""`medidiff evaluate --data shipped`: the held-out real scans, degraded on the fly, never in the CS tuning set."""
+"""`medidiff evaluate --data shipped`: the held-out real scans, degraded on the fly.
+
+They are never in the CS tuning set.
+"""
 
 from __future__ import annotations
 

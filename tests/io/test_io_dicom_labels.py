@@ -1,4 +1,7 @@
-"""Labels of a derived series: research use, image type, derivation code, one window, a shared frame of reference."""
+"""Labels of a derived series.
+
+Research use, image type, derivation code, one window, a shared frame of reference.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ def test_labels_and_shared_frame_of_reference(tmp_path: Path, with_source: bool)
         assert first.StudyInstanceUID == source.meta["dicom_header"].StudyInstanceUID
     assert list(first.ImageType) == ["DERIVED", "SECONDARY", "RESAMPLED"]
     code = first.DerivationCodeSequence[0]
-    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("113085", "DCM", "Spatial resampling")
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+        "113085", "DCM", "Spatial resampling"
+    )
     assert flagged[0].DerivationCodeSequence[0].CodeValue == "113076"
     assert flagged[0].SeriesInstanceUID != first.SeriesInstanceUID and int(flagged[0].SeriesNumber) == 3000
     assert len({(ds.WindowCenter, ds.WindowWidth) for ds in enhanced}) == 1, "one window for the whole series"

@@ -206,7 +206,9 @@ def test_volume_written_then_discovered(tmp_path: Path) -> None:
 
 
 def test_every_shipped_pydicom_file_is_a_scan_or_a_named_problem() -> None:
-    """A sweep over pydicom's whole test-file tree (odd encodings, DICOMDIRs, RT, SR, colour, broken files)."""
+    """A sweep over pydicom's whole test-file tree.
+
+    Odd encodings, DICOMDIRs, RT, SR, colour, broken files."""
     from medidiff.io import ScanError
 
     sources = list(discover(PYDICOM_FILES))

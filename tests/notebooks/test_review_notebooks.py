@@ -1,7 +1,8 @@
-"""The clinician notebooks run top to bottom (nbclient, as `pytest --nbmake` would), with short settings injected.
+"""The clinician notebooks run top to bottom, with short settings injected.
 
-Each notebook is executed in a temporary working directory; parameters are injected papermill-style as a cell
-right after the one tagged ``parameters``. Committed notebooks must carry no outputs (they can hold patient data).
+They run under nbclient, as `pytest --nbmake` would. Each notebook is executed in a temporary working
+directory; parameters are injected papermill-style as a cell right after the one tagged ``parameters``.
+Committed notebooks must carry no outputs (they can hold patient data).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ NAMES = ["01_review_batch.ipynb", "02_compare_runs.ipynb", "03_train_on_your_dat
 
 
 def execute(name: str, workdir: Path, params: dict[str, Any], timeout: int = 600) -> tuple[Any, float]:
-    """Execute a notebook with injected parameters in ``workdir``; returns the executed notebook and seconds."""
+    """Execute a notebook with injected parameters in ``workdir``.
+
+    Returns the executed notebook and seconds."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -50,7 +53,9 @@ def test_committed_without_outputs_and_import_only(name: str) -> None:
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(cell.outputs == [] and cell.execution_count is None for cell in code), "strip outputs before committing"
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code), (
+        "strip outputs before committing"
+    )
     assert sum("parameters" in cell.metadata.get("tags", []) for cell in nb.cells) == 1
     for cell in code:  # library logic lives in medidiff/, notebooks only call it
         tree = ast.parse(cell.source)
@@ -85,7 +90,9 @@ def test_01_review_batch_makes_the_demo_when_missing(tmp_path: Path, monkeypatch
 
 @pytest.mark.slow
 def test_02_compare_runs_on_a_fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An empty store: the notebook trains the smoke recipe, evaluates on one scan, then plots and tabulates."""
+    """An empty store: the notebook trains the smoke recipe and evaluates on one scan.
+
+    Then it plots and tabulates."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     nb, seconds = execute("02_compare_runs.ipynb", tmp_path, {"EVAL_STEPS": "2", "EVAL_SCANS": 1})

@@ -1,4 +1,7 @@
-"""`medidiff demo` (the README's first command) end to end, as a user runs it: slow, a few minutes on 2 cores."""
+"""`medidiff demo` (the README's first command) end to end, as a user runs it.
+
+Slow: a few minutes on 2 cores.
+"""
 
 from __future__ import annotations
 

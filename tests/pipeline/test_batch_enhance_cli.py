@@ -198,7 +198,7 @@ def test_dicom_outputs_are_valid_derived_series(messy):
                 res = subprocess.run(
                     check=False, args=[dciodvfy, str(f)], capture_output=True, text=True, timeout=60
                 )
-                errors = [l for l in (res.stdout + res.stderr).splitlines() if l.startswith("Error")]
+                errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
                 assert not errors, f"{f}: {errors}"
     src_series = [d for d in dirs if "series" in d.name]
     ds = pydicom.dcmread(next(src_series[0].glob("*.dcm")))

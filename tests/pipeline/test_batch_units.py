@@ -1,4 +1,7 @@
-"""Batch machinery without the models: manifest, temp cleanup, fingerprints, naming, task choice, isolation."""
+"""Batch machinery without the models.
+
+Manifest, temp cleanup, fingerprints, naming, task choice, isolation.
+"""
 
 from __future__ import annotations
 
@@ -101,7 +104,9 @@ def test_stale_temporaries_of_recorded_scans_are_removed_and_nothing_else(tmp_pa
     assert set(removed) == {stale_file, stale_dir, stale_manifest}
     assert all(p.exists() for p in keep) and not stale_file.exists() and not stale_dir.exists()
     # a finished scan is owned through its recorded outputs once it leaves 'writing'
-    manifest.record({"key": "s/scan.nii.gz", "status": "done", "outputs": {"enhanced": "s/scan_enhanced.nii.gz"}})
+    manifest.record(
+        {"key": "s/scan.nii.gz", "status": "done", "outputs": {"enhanced": "s/scan_enhanced.nii.gz"}}
+    )
     assert manifest.writing == {}
     stale_file.write_bytes(b"1")
     assert clean_stale_temporaries(manifest) == [stale_file]
@@ -266,11 +271,11 @@ def test_factor_option_is_checked_against_the_model(tmp_path):
     from medidiff.cli import app
 
     (tmp_path / "in").mkdir()
-    ok = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o1"), "--task", "sr",
-                                  "--factor", "2", "--dry-run"])
+    ok = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o1"),
+                                  "--task", "sr", "--factor", "2", "--dry-run"])
     assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--task", "sr",
-                                   "--factor", "3", "--dry-run"])
+    bad = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o2"),
+                                   "--task", "sr", "--factor", "3", "--dry-run"])
     assert bad.exit_code == 2 and "does factor 2" in bad.output
     auto = CliRunner().invoke(app, ["enhance", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
                                     "--factor", "2", "--dry-run"])

@@ -1,4 +1,7 @@
-"""enhance_volume / enhance_kspace: output grid = the simulation's source grid, data consistency, units, seeds."""
+"""enhance_volume / enhance_kspace: output grid, data consistency, units, seeds.
+
+The output grid is the simulation's source grid.
+"""
 
 from pathlib import Path
 
@@ -31,7 +34,9 @@ def models(tmp_path_factory):
     """Untrained networks with a non-trivial output (MONAI zero-initialises the last conv)."""
     out = {}
     for task, cfg in TASKS.items():
-        recipe = with_overrides(load_recipe(SMOKE), task=cfg, model={"neighbours": 1 if task == "sr_thick" else 0})
+        recipe = with_overrides(
+            load_recipe(SMOKE), task=cfg, model={"neighbours": 1 if task == "sr_thick" else 0}
+        )
         torch.manual_seed(0)
         net = build_model(recipe)
         g = torch.Generator().manual_seed(1)
@@ -88,7 +93,8 @@ def test_units_seed_and_do_no_harm_switch(mni, models):
     checked = enhance_volume(lr, task="sr", model=models["sr"], seed=5, precision="fp32")
     # with the self-check the output is baseline + w (model - baseline), w from the scan itself
     w = checked.metrics["residual_weight"]
-    np.testing.assert_allclose(checked.enhanced.array, a.baseline.array + w * (a.enhanced.array - a.baseline.array),
+    blended = a.baseline.array + w * (a.enhanced.array - a.baseline.array)
+    np.testing.assert_allclose(checked.enhanced.array, blended,
                                rtol=1e-4, atol=1e-3 * float(np.abs(x.array).max()))
     with pytest.raises(ValueError, match="trained for task 'sr'"):
         enhance_volume(lr, task="sr_thick", model=models["sr"])

@@ -163,7 +163,8 @@ def test_out_under_a_regular_file_is_a_usage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "medidiff", "enhance", str(tmp_path / "in"), "--out", str(tmp_path / "file" / "o")],
+        [sys.executable, "-m", "medidiff", "enhance", str(tmp_path / "in"),
+         "--out", str(tmp_path / "file" / "o")],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "is not a folder" in " ".join(proc.stderr.split()), proc.stderr

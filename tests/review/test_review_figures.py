@@ -13,8 +13,9 @@ from medidiff.review import figures as F
 def _marker_volume(affine_kind: str) -> Volume:
     """A 20x24x16 volume whose bright marker sits at the patient's right-anterior-superior corner (world).
 
-    The same anatomy stored with different voxel orders: 'RAS', 'LAS' (first axis flipped), 'LPS' (DICOM-like),
-    and 'SRA' (axes permuted). World coordinates of every voxel centre are identical across kinds.
+    The same anatomy stored with different voxel orders: 'RAS', 'LAS' (first axis flipped),
+    'LPS' (DICOM-like), and 'SRA' (axes permuted). World coordinates of every voxel centre are identical
+    across kinds.
     """
     shape = (20, 24, 16)
     ras = np.zeros(shape, np.float32)
@@ -44,7 +45,8 @@ def test_world_geometry_of_fixture_is_identical(kind: str) -> None:
     vol = _marker_volume(kind)
     idx = np.argwhere(vol.array == 1.0)
     world = vol.world_coordinates(idx)
-    assert world[:, 0].min() > 0 and world[:, 1].min() > 0 and world[:, 2].min() > 0  # right, anterior, superior
+    # right, anterior, superior
+    assert world[:, 0].min() > 0 and world[:, 1].min() > 0 and world[:, 2].min() > 0
 
 
 @pytest.mark.parametrize("kind", ["RAS", "LAS", "LPS", "SRA"])

@@ -1,4 +1,7 @@
-"""OUT/report.html: panels drawn with the review figures (RAS orientation, true aspect), self-contained HTML."""
+"""OUT/report.html: panels drawn with the review figures, self-contained HTML.
+
+The panels follow RAS orientation with true aspect.
+"""
 
 from __future__ import annotations
 
@@ -49,12 +52,15 @@ def _output_folder(root: Path) -> dict:
         scans[key] = {
             "key": key, "input": f"in/{key}.nii.gz", "kind": "nifti", "task": task, "status": "done",
             "fingerprint": "0" * 16,
-            "outputs": {name: f"{key}/{name}.nii.gz" for name in ("enhanced", "uncertainty", "residual", "baseline")}
+            "outputs": {
+                name: f"{key}/{name}.nii.gz" for name in ("enhanced", "uncertainty", "residual", "baseline")
+            }
             | {"dicom": None},
             "metrics": {"self_check_psnr": 31.25, "data_consistency": 0.0123},
             "seconds": 1.5, "error": None,
         }
-    scans["scan_c"] = {"key": "scan_c", "input": "in/scan_c", "kind": "dicom", "task": None, "status": "failed",
+    scans["scan_c"] = {"key": "scan_c", "input": "in/scan_c", "kind": "dicom", "task": None,
+                       "status": "failed",
                        "fingerprint": None, "outputs": {}, "metrics": {}, "seconds": 0.1,
                        "error": "ValueError: no pixel data"}
     manifest = {"version": 1, "input_root": "in", "output_root": str(root), "params": {"steps": 4},
@@ -72,7 +78,10 @@ def _panel(text: str, key: str, name: str) -> np.ndarray:
 
 
 def _image_box(pixels: np.ndarray) -> tuple[slice, slice]:
-    """Bounding box of the drawn slice: the largest connected non-white region (the colour bar is separate)."""
+    """Bounding box of the drawn slice.
+
+    The largest connected non-white region (the colour bar is separate).
+    """
     labels, count = ndimage.label(pixels.mean(axis=-1) < 0.9)
     assert count, "the panel is blank"
     sizes = ndimage.sum_labels(np.ones(labels.shape), labels, index=np.arange(1, count + 1))
@@ -101,7 +110,8 @@ def test_report_panels_follow_the_anatomy_not_the_voxel_order(tmp_path: Path) ->
     assert abs(x - 4 / 24) < 0.06 and abs(y - 3.5 / 20) < 0.06, (x, y)
     assert len(marker) > 0.5 * (6 / 24) * (5 / 20) * height * width
 
-    # through-plane SR: a plane containing the slice (S) direction, here coronal: 12 x 3 mm high, 24 x 0.6 wide
+    # through-plane SR: a plane containing the slice (S) direction, here coronal:
+    # 12 x 3 mm high, 24 x 0.6 wide
     assert "coronal" in text[text.index("<h2>scan_b</h2>"):]
     rows, cols = _image_box(_panel(text, "scan_b", "after"))
     ratio = (rows.stop - rows.start) / (cols.stop - cols.start)
@@ -124,8 +134,11 @@ def test_report_states_verdict_gate_interval_and_shows_flags_in_red(tmp_path: Pa
     a["outputs"]["flags"] = "scan_a/flags.nii.gz"
     a["metrics"].update({"residual_weight": 0.75, "self_check_gain_db": 1.25, "flagged_fraction": 0.1,
                          "mean_interval_halfwidth": 0.031})
-    a["trust"] = {"coverage": 0.9, "calibration": "90% interval half-width (split-conformal, sr, K=4, 24 calibration cases)",
-                  "flagged_fraction": 0.1}
+    a["trust"] = {
+        "coverage": 0.9,
+        "calibration": "90% interval half-width (split-conformal, sr, K=4, 24 calibration cases)",
+        "flagged_fraction": 0.1,
+    }
     a["gate_decision"] = "enhance"
     b = manifest["scans"]["scan_b"]
     b["metrics"].update({"residual_weight": 0.0, "self_check_gain_db": 0.0})
@@ -133,7 +146,8 @@ def test_report_states_verdict_gate_interval_and_shows_flags_in_red(tmp_path: Pa
     section_a = text[text.index("<h2>scan_a</h2>"): text.index("<h2>scan_b</h2>")]
     section_b = text[text.index("<h2>scan_b</h2>"):]
     assert "verdict: flagged: check highlighted regions" in section_a
-    assert "model weight 0.75" in section_a and "predicted gain +1.25 dB" in section_a and "enhance" in section_a
+    assert "model weight 0.75" in section_a and "predicted gain +1.25 dB" in section_a
+    assert "enhance" in section_a
     assert "90% interval" in section_a and "calibrated interval half-width" in section_a
     assert "verdict: returned classical image: model not expected to help" in section_b
     assert "uncalibrated" in section_b  # an uncertainty map without a calibration says so

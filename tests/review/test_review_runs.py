@@ -29,8 +29,8 @@ def _fill_store(root: Path, uri: str) -> dict:
         with tracking_run("train", run_name=name, tracking_uri=uri, params={"lr": 1e-3},
                           system_metrics=False) as tracker:
             for step in range(0, 50, 10):
-                tracker.log_metrics({"loss": rate ** (step / 10), "val/psnr": 25 + step / 10, "val/psnr_baseline": 24.0,
-                                     "train/lr": 1e-3}, step=step)
+                tracker.log_metrics({"loss": rate ** (step / 10), "val/psnr": 25 + step / 10,
+                                     "val/psnr_baseline": 24.0, "train/lr": 1e-3}, step=step)
             ids.append(tracker.run_id)
     summary = [
         {"method": "sinc", "n": 2, "failed": 0, "psnr": 30.0, "ssim": 0.90},
@@ -42,7 +42,9 @@ def _fill_store(root: Path, uri: str) -> dict:
     report = root / "report"
     report.mkdir()
     paths = {}
-    for key, name in (("markdown", "report.md"), ("summary_csv", "summary.csv"), ("per_scan_csv", "per_scan.csv")):
+    for key, name in (
+        ("markdown", "report.md"), ("summary_csv", "summary.csv"), ("per_scan_csv", "per_scan.csv")
+    ):
         paths[key] = report / name
         paths[key].write_text("x\n")
     eval_id = log_to_mlflow(paths, task="sr", summary=summary, rows=[{"scan": "a", **summary[0]}],
@@ -65,7 +67,8 @@ def test_training_curves(store: dict) -> None:
     fig = runs.training_curves(tracking_uri=store["uri"])
     titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert list(titled) == ["loss", "val/psnr (dashed: degraded baseline)", "train/lr"]  # loss, quality, rest
-    baseline = [ln for ln in titled["val/psnr (dashed: degraded baseline)"].get_lines() if ln.get_linestyle() == "--"]
+    quality = titled["val/psnr (dashed: degraded baseline)"]
+    baseline = [ln for ln in quality.get_lines() if ln.get_linestyle() == "--"]
     assert len(baseline) == 2 and set(baseline[0].get_ydata()) == {24.0}
     loss_lines = titled["loss"].get_lines()
     assert len(loss_lines) == 2 and titled["loss"].get_yscale() == "log"
