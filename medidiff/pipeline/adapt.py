@@ -40,6 +40,14 @@ LR_FACTOR = 0.2  # of the recipe's training learning rate
 BATCH = 4
 
 
+
+def _optimise(net: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One optimiser step on ``loss`` with the recipe's gradient clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+
 def auto_seconds(voxels: int) -> float:
     """Default time box for a scan of ``voxels`` output voxels (30 s for 256 x 256 x 160)."""
     return float(np.clip(DEFAULT_SECONDS * voxels / REFERENCE_VOXELS, MIN_SECONDS, MAX_SECONDS))
@@ -181,10 +189,7 @@ def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_a
     while time.perf_counter() < deadline:
         cond, x0 = pairs.batch(gen)
         loss = diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), loaded.recipe.train.grad_clip)
-        opt.step()
+        _optimise(net, opt, loss, loaded.recipe.train.grad_clip)
         report.steps += 1
     net.eval()
     adapted = dataclasses.replace(loaded, net=net)
@@ -282,10 +287,7 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
         th, la = _line_split(mask, 0.4, int(rng.integers(1 << 30)))
         idx = torch.randint(0, len(y), (min(BATCH, len(y)),), generator=gen)
         loss = _recon_loss(net, loaded, y[idx], th, la, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), loaded.recipe.train.grad_clip)
-        opt.step()
+        _optimise(net, opt, loss, loaded.recipe.train.grad_clip)
         report.steps += 1
     net.eval()
     adapted = dataclasses.replace(loaded, net=net)
