@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import warnings
 
 import typer
@@ -39,6 +41,26 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C outside a batch: not a KeyboardInterrupt, so the CLI framework does not turn it into 'Aborted!'
+    with exit 1 (atomic writers still unwind on it: they clean up on any BaseException)."""
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
 def main() -> None:
-    """Entry point of the `medidiff` console script."""
-    app()
+    """Entry point of the `medidiff` console script.
+
+    Ctrl-C ends with one line and exit 130 whenever it comes (also while libraries load); `enhance` installs
+    its own handlers while its batch runs, which finish or discard the file being written.
+    """
+    previous = signal.signal(signal.SIGINT, _interrupted)
+    try:
+        app()
+    except _Interrupted:
+        sys.stderr.write("stopped (Ctrl-C)\n")
+        raise SystemExit(128 + signal.SIGINT) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
