@@ -42,17 +42,22 @@ def block() -> Volume:
     return Volume(np.ascontiguousarray(arr), img.affine)
 
 
+def _noisy_model(recipe, seed: int, folder):
+    """A tiny network with large random weights added: its output is structured noise (made to hurt)."""
+    torch.manual_seed(0)
+    net = build_model(recipe)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return load_model(save_checkpoint(folder, net, recipe))
+
+
 @pytest.fixture(scope="module")
 def harmful(tmp_path_factory):
     """A tiny DiffusionModelUNet with large random weights: its output is structured noise."""
     recipe = with_overrides(load_recipe(SMOKE), task={"kind": "sr", "factor": 2}, model={"neighbours": 0})
-    torch.manual_seed(0)
-    net = build_model(recipe)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    return load_model(save_checkpoint(tmp_path_factory.mktemp("harm") / "m", net, recipe))
+    return _noisy_model(recipe, 1, tmp_path_factory.mktemp("harm") / "m")
 
 
 def test_cross_fit_known_values():
@@ -124,13 +129,7 @@ def test_a_reconstruction_model_made_to_hurt_returns_zero_filling(block, tmp_pat
     recipe = with_overrides(load_recipe(SMOKE),
                             task={"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08},
                             model={"neighbours": 0})
-    torch.manual_seed(0)
-    net = build_model(recipe)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    model = load_model(save_checkpoint(tmp_path / "m", net, recipe))
+    model = _noisy_model(recipe, 2, tmp_path / "m")
     data, _ref = simulate_recon(block, 4.0, 0.08, "equispaced", 1, 0)
     res = enhance_kspace(data, model=model, seed=0)
     assert np.allclose(res.enhanced.array, res.baseline.array, atol=1e-6 * float(res.baseline.array.max()))
