@@ -8,10 +8,18 @@ import torch
 from medidiff.models import default_model, runtime
 from medidiff.models.runtime import PreparedNetwork, prepare_network, resolve_precision
 
-# Measured on the shipped sr_x2 network, input below, AMD EPYC with avx512_bf16 (oneDNN):
-# max |bf16 - fp32| = 1.04e-3, mean 1.34e-4 (output max 0.12). Tolerances are ~3x those.
-BF16_MAX_ABS = 3e-3
-BF16_MEAN_ABS = 4e-4
+# bf16 keeps 8 bits of mantissa (relative rounding ~0.4 %). Measured on the shipped sr_x2 network with the
+# input below (AMD EPYC, avx512_bf16): max |bf16 - fp32| = 0.65 % of max |fp32|, mean 0.44 % of mean |fp32|.
+# Tolerances are relative to the output's own scale (retrained weights do not move them): ~3x and ~2x those.
+BF16_MAX_REL = 0.02
+BF16_MEAN_REL = 0.01
+
+
+def _assert_bf16_close(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    err = (out - ref).abs()
+    assert float(err.max()) < BF16_MAX_REL * float(ref.abs().max())
+    assert float(err.mean()) < BF16_MEAN_REL * float(ref.abs().mean())
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +45,7 @@ def test_bf16_close_to_fp32_and_really_bf16(sr_net):
         ref, out = sr_net(x, t), prepared(x, t)
     assert out.dtype == torch.float32  # data consistency downstream stays fp32
     assert all(p.dtype == torch.float32 for p in sr_net.parameters())  # weights untouched
-    err = (out - ref).abs()
-    assert float(err.max()) < BF16_MAX_ABS
-    assert float(err.mean()) < BF16_MEAN_ABS
+    err = _assert_bf16_close(out, ref)
     if runtime.cpu_has_native_bf16():
         assert float(err.max()) > 0  # autocast did run the convolutions in bf16
 
@@ -78,9 +84,7 @@ def test_channels_last_bf16_close_and_network_untouched(sr_net):
     assert prepared.inner is not sr_net  # a copy: the shared network keeps its layout
     assert all(p.is_contiguous() for p in sr_net.parameters())
     with torch.no_grad():
-        err = (prepared(x, t) - sr_net(x, t)).abs()
-    assert float(err.max()) < BF16_MAX_ABS
-    assert float(err.mean()) < BF16_MEAN_ABS
+        _assert_bf16_close(prepared(x, t), sr_net(x, t))
 
 
 def test_onnxruntime_network_matches_eager_at_other_shapes(sr_net):
