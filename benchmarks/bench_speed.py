@@ -133,6 +133,7 @@ def part_forward(args) -> None:
     import torch
 
     from medidiff.models import default_model
+    from medidiff.models.runtime import prepare_network
 
     net = default_model("sr").net.eval()
     gen = torch.Generator().manual_seed(0)
@@ -146,23 +147,17 @@ def part_forward(args) -> None:
     def eager():
         return net(x, t)
 
-    def bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return net(x, t).float()
-
+    net_bf16 = prepare_network(net, "bf16")  # what `enhance --precision bf16` runs
     variants["eager fp32"] = eager
-    variants["bf16 autocast"] = bf16
+    variants["bf16 autocast"] = lambda: net_bf16(x, t)
     import copy
 
     net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     variants["channels-last fp32"] = lambda: net_cl(x_cl, t)
 
-    def cl_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return net_cl(x_cl, t).float()
-
-    variants["channels-last bf16"] = cl_bf16
+    net_cl_bf16 = prepare_network(net, "bf16", channels_last=True)  # the default where bf16 is native
+    variants["channels-last bf16"] = lambda: net_cl_bf16(x_cl, t)
     if "compile" in args.variants:
         comp = torch.compile(copy.deepcopy(net))
 
