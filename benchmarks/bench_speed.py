@@ -2,10 +2,11 @@
 
     python benchmarks/bench_speed.py [--parts slice,forward,quality,mask] [--threads 2] [--repeats 3]
 
-* slice: per-slice time of ``enhance_volume`` (SR ×2) and ``enhance_kspace`` (recon ×4) at 256² and 512²,
-  fp32, bf16, bf16 + channels-last (``medidiff.models.runtime.prepare_network``) and ONNX Runtime fp32
-  (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy L1-wavelet CS
-  (100 iterations) on the same slice in the same process; the figure to read is the ratio enhance / CS.
+* slice: per-slice time of ``enhance_volume`` (SR ×2) and ``enhance_kspace`` (recon ×4) at 256² and 512²
+  at the models' defaults (steps, gate, foreground), ``--precision fp32`` and ``bf16`` (both with the
+  runtime's layout: channels-last, fused attention), bf16 autocast on the network as loaded ("bf16 eager"),
+  ONNX Runtime fp32 (``OnnxRuntimeNetwork``, when installed: ``pip install medidiff[onnx]``), and sigpy
+  L1-wavelet CS (100 iterations) on the same slice in the same process; the figure to read is enhance / CS.
 * forward: the network's forward alone (batch 8 at 256²): eager fp32, bf16 autocast, channels-last,
   ``torch.compile`` (inductor) and ONNX Runtime (when installed), each as a ratio to eager fp32.
 * quality: ΔPSNR bf16 − fp32 per shipped held-out case (``medidiff evaluate``'s cases), SR and recon.
@@ -68,7 +69,9 @@ def part_slice(args) -> None:
     from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
-    variants = ["fp32", "bf16", "bf16+cl"]
+    # fp32 / bf16: what `enhance --precision` runs (channels-last, fused attention); "bf16 eager": the
+    # network as loaded, bf16 autocast only (the layout before); ONNX Runtime fp32 when installed
+    variants = ["fp32", "bf16", "bf16 eager"]
     if "onnx" in args.variants and _has_onnxruntime():
         variants.append("onnxruntime")
     rows = []
@@ -80,15 +83,15 @@ def part_slice(args) -> None:
             inp = sr_input(hr)[0] if task == "sr" else ksp
             fns = {"cs": lambda k=ksp: compressed_sensing(k, 1e-3, 100)}
             for p in variants:
+                m, kw = loaded, {"precision": p}
                 if p == "onnxruntime":
-                    m = dataclasses.replace(loaded, net=OnnxRuntimeNetwork(loaded.net))
-                else:
-                    m = dataclasses.replace(loaded, net=prepare_network(loaded.net, p.split("+")[0],
-                                                                        channels_last=p.endswith("+cl")))
+                    m, kw = dataclasses.replace(loaded, net=OnnxRuntimeNetwork(loaded.net)), {}
+                elif p == "bf16 eager":
+                    m, kw = dataclasses.replace(loaded, net=prepare_network(loaded.net, "bf16")), {}
                 if task == "sr":
-                    fns[p] = lambda m=m, inp=inp: enhance_volume(inp, task="sr", model=m, seed=0)
+                    fns[p] = lambda m=m, inp=inp, kw=kw: enhance_volume(inp, task="sr", model=m, seed=0, **kw)
                 else:
-                    fns[p] = lambda m=m, inp=inp: enhance_kspace(inp, model=m, seed=0)
+                    fns[p] = lambda m=m, inp=inp, kw=kw: enhance_kspace(inp, model=m, seed=0, **kw)
             sec = round_robin(fns, args.repeats)
             for p in variants:
                 rows.append([task, f"{size}²", p, f"{sec[p]:.3f}", f"{sec['cs']:.3f}",

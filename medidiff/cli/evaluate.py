@@ -71,7 +71,11 @@ def evaluate(
         help="Comma-separated subset. sr: sinc,bicubic,unet,"
         "medidiff; recon: zero-filled,cs,unet,medidiff. Default: all available.",
     ),
-    steps: str = typer.Option("4", "--steps", help="medidiff sampling step counts to compare, e.g. 4,10."),
+    steps: str | None = typer.Option(
+        None, "--steps",
+        help="medidiff sampling step counts to compare, e.g. 1,2,4 (a quality-vs-NFE curve). Default: the "
+        "model's own step count.",
+    ),
     model: str | None = typer.Option(
         None, "--model", help="medidiff model folder or name (default: the shipped model for the task)."
     ),
@@ -119,7 +123,7 @@ def evaluate(
         _trust(err, task, panel, model, out, samples, save_calibration, seed)
         return
     try:
-        step_list = [int(s) for s in _split(steps)]
+        step_list = [int(s) for s in _split(steps)] if steps else [_model_steps(task, model)]
     except ValueError:
         raise typer.BadParameter(f"--steps must be integers like 4,10, got {steps!r}") from None
     options = {"steps": step_list, "model": model, "dc_variant": dc_variant, "unet_dir": unet,
@@ -130,6 +134,13 @@ def evaluate(
     rows, outputs = _run(err, cases, method_objs)
     _report(err, out, data, task, cases, method_objs, rows, outputs, notes, step_list, seed, device,
             tracking_uri, tracking)
+
+
+def _model_steps(task: str, model: str | None) -> int:
+    """The default sampling step count of the model evaluate would use."""
+    from medidiff.models import default_model, load_model
+
+    return int((load_model(model) if model else default_model(task)).recipe.diffusion.steps)
 
 
 def _trust(err: Console, task: str, panel: str, model: str | None, out: str, samples: str,

@@ -469,9 +469,10 @@ def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool
     steps, with or without DC, with or without per-scan adaptation. Besides the image, it reports the gate's
     numbers and ``actual_gain_db``: the PSNR gain over the operator's back-projection of the candidate the
     gate weighed (what enhancing would have given)."""
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"keep_candidate": True}
     if not dc:
-        model, extra = _without_dc(func, model)
+        model, dc_extra = _without_dc(func, model)
+        extra.update(dc_extra)
     if adapt:
         extra.update(adapt=True, adapt_seconds=adapt_seconds)
 

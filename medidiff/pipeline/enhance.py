@@ -34,9 +34,10 @@ from medidiff.data.pairs import neighbour_index
 from medidiff.diffusion.sampling import SampleOutput, sample
 from medidiff.io import Volume
 from medidiff.models import LoadedModel, default_model, load_model
-from medidiff.models.runtime import prepare_network
+from medidiff.models.runtime import cached_prepared_network
 from medidiff.physics.coils import espirit_maps
-from medidiff.physics.fft import fft2c
+from medidiff.physics.fft import fft2c, ifft2c, rss
+from medidiff.physics.foreground import foreground_mask
 from medidiff.physics.operators import FourierUndersampling
 from medidiff.physics.simulate import hr_affine
 from medidiff.pipeline import adapt as adaptation
@@ -102,8 +103,8 @@ class _Runner:
         self.loaded, self.recipe = loaded, loaded.recipe
         self.device = next(loaded.net.parameters()).device
         # bf16 autocast where the hardware has it natively (fp32 out: data consistency stays fp32),
-        # channels-last
-        self.net = prepare_network(loaded.net, precision, device=self.device, channels_last=True)
+        # channels-last, fused attention; prepared once per network and reused across scans
+        self.net = cached_prepared_network(loaded.net, precision, device=self.device)
         self.precision = self.net.precision
         self.steps = steps or self.recipe.diffusion.steps
         self.samples = samples
@@ -259,18 +260,89 @@ class _Outputs:
         return float(np.sqrt(self.dc_num / self.dc_den)) if self.dc_den > 0 else 0.0
 
 
+MIN_CROP = 16  # smallest side (input pixels) of a foreground crop; below it the whole slice runs
+
+
+@dataclass
+class _Crop:
+    """Where a batch of slices has signal: the slices to run and the input-grid box along the crop axes."""
+
+    run: list[int]  # positions in the batch with foreground
+    box: tuple[slice, ...]  # per crop axis (1, then 2 for in-plane SR), on the input grid
+
+
+def _batch_crop(fg: np.ndarray | None, index: list[int], axes: tuple[int, ...],
+                shape: tuple[int, ...]) -> _Crop:
+    """The foreground box of the batch ``index`` of a stack (N, h, w): union over its slices, at least
+    ``MIN_CROP`` wide; the whole slice when there is no mask."""
+    full = tuple(slice(0, shape[a]) for a in axes)
+    if fg is None:
+        return _Crop(list(range(len(index))), full)
+    sub = fg[index]
+    run = [i for i in range(len(index)) if sub[i].any()]
+    if not run:
+        return _Crop([], full)
+    box = []
+    for a in axes:
+        other = tuple(b for b in (0, 1, 2) if b != a)
+        hit = np.flatnonzero(sub[run].any(axis=other))
+        lo, hi = int(hit[0]), int(hit[-1]) + 1
+        n = shape[a]
+        if hi - lo < MIN_CROP:  # grow a small box around its centre
+            mid = (lo + hi) // 2
+            lo = max(0, min(mid - MIN_CROP // 2, n - MIN_CROP))
+            hi = min(n, lo + MIN_CROP)
+        box.append(slice(lo, hi))
+    return _Crop(run, tuple(box))
+
+
 def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: float, weight: float,
                    batch: int, progress: Progress | None, candidate_weight: float | None = None,
-                   task: str = "sr") -> _Outputs:
-    """Sample every slice of a normalised stack in batches; blend with the back-projection by ``weight``."""
+                   task: str = "sr", use_network: bool = True,
+                   foreground: np.ndarray | None = None) -> _Outputs:
+    """Sample every slice of a normalised stack in batches; blend with the classical image by ``weight``.
+
+    ``use_network=False`` (the gate returned the classical image and nobody asked for the candidate): the
+    classical image without a network evaluation. ``foreground`` (N, h, w) of the input stack: slices
+    without signal come back as the classical image and the network sees only the batch's foreground box
+    (in-plane axes for ``sr``, the sharp in-plane axis for ``sr_thick``); the model's residual is added to
+    the classical image of the whole slice there and the result is projected onto the measurements."""
     n = len(stack_t)
+    f = runner.recipe.task.factor
+    axes = (1, 2) if task == "sr" else (1,)
+    hard_dc = runner.recipe.diffusion.dc != "none"
     out = _Outputs()
     for start in range(0, n, batch):
         index = list(range(start, min(n, start + batch)))
         y = stack_t[index]
-        res = runner.run(op, y, stack_y=stack_t, index=index)
         base = classical(task, op, y)
-        img = base + weight * (res.mean - base)
+        mean = base.clone()
+        std = torch.zeros_like(base) if runner.samples > 1 else None
+        crop = _batch_crop(foreground if use_network else None, index, axes, tuple(stack_t.shape))
+        if use_network and crop.run:
+            run_index = [index[i] for i in crop.run]
+            box_in = (slice(None), *crop.box)
+            box_out = (slice(None), *(slice(b.start * f, b.stop * f) for b in crop.box)) if task == "sr" \
+                else (slice(None), *crop.box)
+            whole = all(b.stop - b.start == stack_t.shape[a] for a, b in zip(axes, crop.box, strict=True))
+            if whole and len(run_index) == len(index):
+                res = runner.run(op, y, stack_y=stack_t, index=index)
+                mean, std = res.mean, res.std
+            else:
+                y_c = stack_t[run_index][box_in]
+                res = runner.run(op, y_c, stack_y=stack_t[box_in], index=run_index)
+                resid = res.mean - classical(task, op, y_c)
+                run_t = torch.tensor(crop.run)
+                patch = mean[run_t]
+                patch[box_out] += resid
+                if hard_dc:
+                    patch = op.project(patch, y[run_t])
+                mean[run_t] = patch
+                if std is not None and res.std is not None:
+                    s_patch = std[run_t]
+                    s_patch[box_out] = res.std
+                    std[run_t] = s_patch
+        img = base + weight * (mean - base)
         dc_res = y - op.A(img)
         out.dc_num += float((dc_res.double() ** 2).sum())
         out.dc_den += float((y.double() ** 2).sum())
@@ -282,11 +354,11 @@ def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: 
         if candidate_weight is not None:
             if out.candidate is None:
                 out.candidate = np.empty_like(out.enhanced)
-            out.candidate[index] = (base + candidate_weight * (res.mean - base)).cpu().numpy() * scale
+            out.candidate[index] = (base + candidate_weight * (mean - base)).cpu().numpy() * scale
         out.baseline[index] = base.cpu().numpy() * scale
         out.residual[index] = op.pinv(dc_res).cpu().numpy() * scale
-        if out.uncertainty is not None and res.std is not None:
-            out.uncertainty[index] = weight * res.std.cpu().numpy() * scale
+        if out.uncertainty is not None:
+            out.uncertainty[index] = weight * std.cpu().numpy() * scale if std is not None else 0.0
         if progress is not None:
             progress(index[-1] + 1, n)
     return out
@@ -308,11 +380,17 @@ def enhance_volume(
     adapt_seconds: float | None = None,
     gate_margin_db: float = gate.MARGIN_DB,
     precision: str = "auto",
+    skip_background: bool = True,
+    keep_candidate: bool = False,
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
     ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the
     network on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
+    ``skip_background``: air (:func:`medidiff.physics.foreground.foreground_mask` of the input) is not sent
+    through the network; it comes back as the classical image. ``keep_candidate``: also return what the gate
+    weighed (``EnhanceResult.candidate``, for evaluation), which costs the network evaluation even where the
+    gate returns the classical image.
     """
     t0 = time.perf_counter()
     loaded = _checked_model(model, task, factor)
@@ -350,8 +428,11 @@ def enhance_volume(
     if before is not None:
         decision = gate.combine(before, decision)
     weight = decision.weight
+    keep = check and keep_candidate
+    foreground = foreground_mask(stack) if skip_background else None
     out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
-                         decision.candidate_weight if check else None, task)
+                         decision.candidate_weight if keep else None, task,
+                         use_network=weight > 0 or keep, foreground=foreground)
 
     meta = {"description": f"medidiff {task} x{f}", "derived_by": f"medidiff {loaded.name}"}
     metrics = {
@@ -361,6 +442,7 @@ def enhance_volume(
         "samples": float(samples),
         "residual_weight": float(weight),
         "self_check_gain_db": decision.predicted_gain_db,
+        "foreground_fraction": float(foreground.mean()) if foreground is not None else 1.0,
         **decision.metrics(),
         **adapt_metrics,
         "seconds": time.perf_counter() - t0,
@@ -419,12 +501,16 @@ def _recon_gate(
 def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int = 1, seed: int = 0,
                    progress: Progress | None = None, batch_slices: int | None = None,
                    self_check: bool | None = None, adapt: bool = False, adapt_seconds: float | None = None,
-                   gate_margin_db: float = gate.MARGIN_DB, precision: str = "auto") -> EnhanceResult:
+                   gate_margin_db: float = gate.MARGIN_DB, precision: str = "auto",
+                   skip_background: bool = True, keep_candidate: bool = False) -> EnhanceResult:
     """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S).
 
     ``self_check`` (default: the recipe's) gates the model by a zero-shot split of the measured lines
-    (single coil); where it declines, the zero-filled image comes back. ``adapt`` fine-tunes a copy of the
-    network on the same kind of split first (single coil)."""
+    (single coil); where it declines, the zero-filled image comes back without a network evaluation.
+    ``adapt`` fine-tunes a copy of the network on the same kind of split first (single coil).
+    ``skip_background``: slices whose zero-filled image is all air come back zero-filled (k-space couples
+    every pixel of a slice, so only whole slices are skipped). ``keep_candidate``: also return what the gate
+    weighed (for evaluation)."""
     t0 = time.perf_counter()
     loaded = _resolve_model(model, "recon")
     recipe = loaded.recipe
@@ -458,27 +544,44 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         _recon_gate(runner, k / scale, mask, gate_margin_db, seed) if check and not multicoil else gate.off()
     )
     weight = decision.weight
+    keep = check and not multicoil and keep_candidate
+    use_network = weight > 0 or keep
     n = k.shape[0]
     shp = (n, *k.shape[-2:])
-    enhanced, baseline, residual, candidate = (np.empty(shp, np.float32) for _ in range(4))
+    enhanced, baseline, residual = (np.empty(shp, np.float32) for _ in range(3))
+    candidate = np.empty(shp, np.float32) if keep else None
     uncertainty = np.empty(shp, np.float32) if samples > 1 else None
+    signal = np.ones(n, bool)
+    if skip_background and use_network and n > 1:
+        zf_all = ifft2c(k * torch.from_numpy(mask)).abs()
+        zf_all = rss(zf_all, coil_dim=1) if multicoil else zf_all
+        signal = foreground_mask(zf_all.numpy()).any(axis=(1, 2))
     dc_num = dc_den = 0.0
     for start in range(0, n, batch):
         index = list(range(start, min(n, start + batch)))
         op = operator_for(index[0])
         y = k[index] / scale
-        res = runner.run(op, y, stack_y=k / scale, index=index)
         zf = op.pinv(y)
-        candidate[index] = (zf + decision.candidate_weight * (res.mean - zf)).abs().cpu().numpy() * scale
-        res.mean = zf + weight * (res.mean - zf)  # measured samples are unchanged (hard DC on both)
-        dc_res = y - op.A(res.mean)
+        mean, std = zf, None
+        run = [i for i, s in enumerate(index) if signal[s]] if use_network else []
+        if run:
+            run_index = [index[i] for i in run]
+            res = runner.run(op, y[run], stack_y=k / scale, index=run_index)
+            mean, std = zf.clone(), None if res.std is None else torch.zeros(zf.shape)
+            mean[run] = res.mean
+            if std is not None:
+                std[run] = res.std
+        if candidate is not None:
+            candidate[index] = (zf + decision.candidate_weight * (mean - zf)).abs().cpu().numpy() * scale
+        out = zf + weight * (mean - zf)  # measured samples are unchanged (hard DC on both)
+        dc_res = y - op.A(out)
         dc_num += float((dc_res.abs().double() ** 2).sum())
         dc_den += float((y.abs().double() ** 2).sum())
-        enhanced[index] = res.mean.abs().cpu().numpy() * scale
-        baseline[index] = op.pinv(y).abs().cpu().numpy() * scale
+        enhanced[index] = out.abs().cpu().numpy() * scale
+        baseline[index] = zf.abs().cpu().numpy() * scale
         residual[index] = op.A_adjoint(dc_res).abs().cpu().numpy() * scale
-        if uncertainty is not None and res.std is not None:
-            uncertainty[index] = res.std.cpu().numpy() * scale
+        if uncertainty is not None:
+            uncertainty[index] = std.cpu().numpy() * scale if std is not None else 0.0
         if progress is not None:
             progress(index[-1] + 1, n)
 
@@ -493,6 +596,7 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         "network_evals": float(runner.steps),
         "samples": float(samples),
         "acceleration": float(mask.size / max(mask.sum(), 1.0)),
+        "slices_skipped_as_air": float((~signal).sum()),
         "residual_weight": float(weight),
         **decision.metrics(),
         **adapt_metrics,
@@ -504,5 +608,5 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         residual=vol(residual, "medidiff data-consistency residual"),
         baseline=vol(baseline, "zero-filled (before)"),
         metrics=metrics,
-        candidate=vol(candidate, "gate candidate") if check and not multicoil else None,
+        candidate=vol(candidate, "gate candidate") if candidate is not None else None,
     )
