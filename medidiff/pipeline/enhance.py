@@ -260,42 +260,6 @@ class _Outputs:
         return float(np.sqrt(self.dc_num / self.dc_den)) if self.dc_den > 0 else 0.0
 
 
-MIN_CROP = 16  # smallest side (input pixels) of a foreground crop; below it the whole slice runs
-
-
-@dataclass
-class _Crop:
-    """Where a batch of slices has signal: the slices to run and the input-grid box along the crop axes."""
-
-    run: list[int]  # positions in the batch with foreground
-    box: tuple[slice, ...]  # per crop axis (1, then 2 for in-plane SR), on the input grid
-
-
-def _batch_crop(fg: np.ndarray | None, index: list[int], axes: tuple[int, ...],
-                shape: tuple[int, ...]) -> _Crop:
-    """The foreground box of the batch ``index`` of a stack (N, h, w): union over its slices, at least
-    ``MIN_CROP`` wide; the whole slice when there is no mask."""
-    full = tuple(slice(0, shape[a]) for a in axes)
-    if fg is None:
-        return _Crop(list(range(len(index))), full)
-    sub = fg[index]
-    run = [i for i in range(len(index)) if sub[i].any()]
-    if not run:
-        return _Crop([], full)
-    box = []
-    for a in axes:
-        other = tuple(b for b in (0, 1, 2) if b != a)
-        hit = np.flatnonzero(sub[run].any(axis=other))
-        lo, hi = int(hit[0]), int(hit[-1]) + 1
-        n = shape[a]
-        if hi - lo < MIN_CROP:  # grow a small box around its centre
-            mid = (lo + hi) // 2
-            lo = max(0, min(mid - MIN_CROP // 2, n - MIN_CROP))
-            hi = min(n, lo + MIN_CROP)
-        box.append(slice(lo, hi))
-    return _Crop(run, tuple(box))
-
-
 def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: float, weight: float,
                    batch: int, progress: Progress | None, candidate_weight: float | None = None,
                    task: str = "sr", use_network: bool = True,
@@ -304,44 +268,29 @@ def _enhance_stack(runner: _Runner, op: Operator, stack_t: torch.Tensor, scale: 
 
     ``use_network=False`` (the gate returned the classical image and nobody asked for the candidate): the
     classical image without a network evaluation. ``foreground`` (N, h, w) of the input stack: slices
-    without signal come back as the classical image and the network sees only the batch's foreground box
-    (in-plane axes for ``sr``, the sharp in-plane axis for ``sr_thick``); the model's residual is added to
-    the classical image of the whole slice there and the result is projected onto the measurements."""
+    without signal (air only) come back as the classical image without a network evaluation.
+
+    Slices with signal go through the network whole. Cropping them to the body's bounding box was measured
+    and rejected: the networks' group normalisation and attention see the whole field of view, and crops
+    cost 0.3 dB on average (up to 2.6 dB) on the held-out and out-of-domain SR panels."""
     n = len(stack_t)
-    f = runner.recipe.task.factor
-    axes = (1, 2) if task == "sr" else (1,)
-    hard_dc = runner.recipe.diffusion.dc != "none"
     out = _Outputs()
     for start in range(0, n, batch):
         index = list(range(start, min(n, start + batch)))
         y = stack_t[index]
         base = classical(task, op, y)
-        mean = base.clone()
-        std = torch.zeros_like(base) if runner.samples > 1 else None
-        crop = _batch_crop(foreground if use_network else None, index, axes, tuple(stack_t.shape))
-        if use_network and crop.run:
-            run_index = [index[i] for i in crop.run]
-            box_in = (slice(None), *crop.box)
-            box_out = (slice(None), *(slice(b.start * f, b.stop * f) for b in crop.box)) if task == "sr" \
-                else (slice(None), *crop.box)
-            whole = all(b.stop - b.start == stack_t.shape[a] for a, b in zip(axes, crop.box, strict=True))
-            if whole and len(run_index) == len(index):
-                res = runner.run(op, y, stack_y=stack_t, index=index)
-                mean, std = res.mean, res.std
-            else:
-                y_c = stack_t[run_index][box_in]
-                res = runner.run(op, y_c, stack_y=stack_t[box_in], index=run_index)
-                resid = res.mean - classical(task, op, y_c)
-                run_t = torch.tensor(crop.run)
-                patch = mean[run_t]
-                patch[box_out] += resid
-                if hard_dc:
-                    patch = op.project(patch, y[run_t])
-                mean[run_t] = patch
-                if std is not None and res.std is not None:
-                    s_patch = std[run_t]
-                    s_patch[box_out] = res.std
-                    std[run_t] = s_patch
+        mean, std = base, (torch.zeros_like(base) if runner.samples > 1 else None)
+        run = [i for i, s in enumerate(index) if foreground is None or foreground[s].any()]
+        run = run if use_network else []
+        if len(run) == len(index):
+            res = runner.run(op, y, stack_y=stack_t, index=index)
+            mean, std = res.mean, res.std
+        elif run:
+            res = runner.run(op, y[run], stack_y=stack_t, index=[index[i] for i in run])
+            mean = base.clone()
+            mean[run] = res.mean
+            if std is not None and res.std is not None:
+                std[run] = res.std
         img = base + weight * (mean - base)
         dc_res = y - op.A(img)
         out.dc_num += float((dc_res.double() ** 2).sum())
@@ -387,10 +336,10 @@ def enhance_volume(
 
     ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the
     network on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
-    ``skip_background``: air (:func:`medidiff.physics.foreground.foreground_mask` of the input) is not sent
-    through the network; it comes back as the classical image. ``keep_candidate``: also return what the gate
-    weighed (``EnhanceResult.candidate``, for evaluation), which costs the network evaluation even where the
-    gate returns the classical image.
+    ``skip_background``: slices of air only (:func:`medidiff.physics.foreground.foreground_mask` of the
+    input) are not sent through the network; they come back as the classical image. ``keep_candidate``:
+    also return what the gate weighed (``EnhanceResult.candidate``, for evaluation), which costs the network
+    evaluation even where the gate returns the classical image.
     """
     t0 = time.perf_counter()
     loaded = _checked_model(model, task, factor)

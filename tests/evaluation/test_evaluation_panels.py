@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from medidiff.evaluation.compare import image_case, ood_images, panel_cases, slice_interpolate
+from medidiff.models import default_model
 from medidiff.physics.operators import SliceProfile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +81,9 @@ def test_evaluate_cli_panels_write_delta_table_and_gate_scatter(tmp_path: Path, 
         rows = list(csv.DictReader(fh))
     methods = {r["method"] for r in rows}
     classical = {"linear", "cubic"} if task == "sr_thick" else {"sinc", "bicubic"}
-    assert classical <= methods and "medidiff-4" in methods and "medidiff-4-adapt" in methods
+    # without --steps the model's own step count is evaluated
+    steps = default_model(task).recipe.diffusion.steps
+    assert classical <= methods and f"medidiff-{steps}" in methods and f"medidiff-{steps}-adapt" in methods
     learned = [r for r in rows if r["method"].startswith("medidiff")]
     assert len({r["scan"] for r in rows}) == 2
     for r in learned:
