@@ -11,7 +11,8 @@
   at the default precision, per output slice (the self-check amortised over the scan, as in a real study).
 * forward: the network's forward alone (batch 8 at 256²): eager fp32, bf16 autocast, channels-last,
   ``torch.compile`` (inductor) and ONNX Runtime (when installed), each as a ratio to eager fp32.
-* quality: ΔPSNR bf16 − fp32 per shipped held-out case (``medidiff evaluate``'s cases), SR and recon.
+* quality: ΔPSNR bf16 − fp32 per case of the held-out and out-of-domain panels (``medidiff evaluate``'s
+  cases), SR and recon.
 * mask: share of slices and pixels of the 256×256×160 benchmark volume that ``foreground_mask`` calls air.
 
 Timings are medians of --repeats runs after a warm-up, the variants timed in turn (round robin) so that
@@ -221,32 +222,40 @@ def part_forward(args) -> None:
 
 
 def part_quality(args) -> None:
-    """ΔPSNR (bf16 − fp32) on every shipped held-out case, SR and recon, at the models' defaults."""
-    from medidiff.evaluation.compare import shipped_cases
+    """ΔPSNR (bf16 − fp32) on every case of the held-out and out-of-domain panels, SR and recon, at the
+    models' defaults (what `medidiff evaluate --panel heldout|ood` runs)."""
+    from medidiff.evaluation.compare import panel_cases
     from medidiff.metrics import psnr
     from medidiff.models import default_model
     from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 
-    rows = []
+    rows, deltas = [], {}
     for task in ("sr", "recon"):
         loaded = default_model(task)
-        for case in shipped_cases(task):
-            out = {}
-            for p in ("fp32", "bf16"):
-                m = with_precision(loaded, p)
-                t0 = time.perf_counter()
-                if task == "sr":
-                    res = enhance_volume(case.lr, task="sr", model=m, factor=case.sr_factor, seed=0)
-                else:
-                    res = enhance_kspace(case.kspace, model=m, seed=0)
-                out[p] = (res.enhanced.array, time.perf_counter() - t0)
-            ref = case.reference.array
-            p32, p16 = psnr(ref, out["fp32"][0]), psnr(ref, out["bf16"][0])
-            rows.append([task, case.name, "x".join(map(str, ref.shape)), f"{p32:.3f}", f"{p16:.3f}",
-                         f"{p16 - p32:+.3f}", f"{out['fp32'][1] / out['bf16'][1]:.2f}x"])
-            print(" | ".join(rows[-1]), flush=True)
-    print("\n### bf16 vs fp32 on the shipped held-out cases (defaults, self-check on)\n")
-    print(table(["task", "case", "shape", "PSNR fp32", "PSNR bf16", "ΔPSNR", "speed-up (one run)"], rows))
+        for panel in ("heldout", "ood"):
+            for case in panel_cases(task, panel):
+                out = {}
+                for p in ("fp32", "bf16"):
+                    t0 = time.perf_counter()
+                    if task == "sr":
+                        res = enhance_volume(case.lr, task="sr", model=loaded, factor=case.sr_factor, seed=0,
+                                             precision=p)
+                    else:
+                        res = enhance_kspace(case.kspace, model=loaded, seed=0, precision=p)
+                    out[p] = (res.enhanced.array, time.perf_counter() - t0)
+                ref = case.reference.array
+                p32, p16 = psnr(ref, out["fp32"][0]), psnr(ref, out["bf16"][0])
+                deltas.setdefault((task, panel), []).append(p16 - p32)
+                rows.append([task, panel, case.name, "x".join(map(str, ref.shape)), f"{p32:.3f}",
+                             f"{p16:.3f}", f"{p16 - p32:+.3f}", f"{out['fp32'][1] / out['bf16'][1]:.2f}x"])
+                print(" | ".join(rows[-1]), flush=True)
+    print("\n### bf16 vs fp32 on the held-out and out-of-domain panels (defaults, self-check on)\n")
+    print(table(["task", "panel", "case", "shape", "PSNR fp32", "PSNR bf16", "ΔPSNR", "speed-up (one run)"],
+                rows))
+    print()
+    for (task, panel), d in deltas.items():
+        print(f"- {task} {panel}: {len(d)} cases, mean ΔPSNR {np.mean(d):+.3f} dB, worst {min(d):+.3f} dB, "
+              f"largest |Δ| {np.max(np.abs(d)):.3f} dB")
 
 
 def part_mask(args) -> None:
