@@ -29,7 +29,7 @@ from medidiff.pipeline.manifest import Manifest, clean_stale_temporaries, input_
 from medidiff.pipeline.model_cache import ModelCache
 from medidiff.pipeline.ray_engine import RayEngine
 from medidiff.pipeline.settings import EnhanceSettings, ScanJob, output_folder_rel, output_stem
-from medidiff.pipeline.worker import geometry_task, process_scan
+from medidiff.pipeline.worker import geometry_task, needs_decoding, process_scan
 from medidiff.tracking import tracking_run
 
 # Services of the review layer, passed in by the caller (the pipeline never imports review):
@@ -242,8 +242,20 @@ class LocalEngine:
         on_start: Callable[[ScanJob], None],
         on_step: Callable[[ScanJob, int, int], None],
     ) -> Iterator[tuple[ScanJob, dict[str, Any]]]:
-        """Yield (job, manifest entry) as each scan finishes."""
-        for job in jobs:
+        """Yield (job, manifest entry) as each scan finishes.
+
+        One job ahead is taken from ``jobs`` before the current one is processed, and its decoding is
+        prefetched: the decoding child decodes the next scan while this process enhances the current one.
+        """
+        end = object()
+        jobs = iter(jobs)
+        job = next(jobs, end)
+        while job is not end:
+            if needs_decoding(job):
+                self.decoder.prefetch(job.source)  # nothing to do when it was prefetched as the next one
+            upcoming = next(jobs, end)
+            if upcoming is not end and needs_decoding(upcoming):
+                self.decoder.prefetch(upcoming.source)
             on_start(job)
             entry = process_scan(
                 job,
@@ -255,6 +267,7 @@ class LocalEngine:
                 progress=lambda done, total, job=job: on_step(job, done, total),
             )
             yield job, entry
+            job = upcoming
 
     def model_identity(self) -> dict[str, dict[str, str]]:
         return self.models.identities()

@@ -80,6 +80,26 @@ def failed_entry(job: ScanJob, error: str | None) -> dict[str, Any]:
     }
 
 
+def _decode_refusal(job: ScanJob) -> str | None:
+    """Why ``job`` is failed without decoding it (not a readable scan, not MR), or None to decode it."""
+    if job.kind == "invalid":
+        problems = list(getattr(job.source, "problems", []) or [])
+        return "; ".join(problems) or "not a readable scan"
+    modality = str(getattr(job.source, "modality", "") or "")
+    if modality and modality.upper() != "MR":
+        return f"modality {modality} is not MR; medidiff enhances MR scans only"
+    return None
+
+
+def needs_decoding(job: ScanJob) -> bool:
+    """Whether :func:`process_scan` decodes ``job`` (calls ``decoder.load(job.source)``): the scan is not
+    invalid and its modality is MR or unknown. Engines use it to prefetch the next scan's decoding."""
+    try:
+        return _decode_refusal(job) is None
+    except Exception:  # noqa: BLE001 - process_scan fails the same job before loading it
+        return False
+
+
 def process_scan(
     job: ScanJob,
     input_root: Path,
@@ -93,12 +113,9 @@ def process_scan(
     start = time.perf_counter()
     entry = failed_entry(job, None)
     try:
-        problems = list(getattr(job.source, "problems", []) or [])
-        if job.kind == "invalid":
-            raise DecodeError("; ".join(problems) or "not a readable scan")
-        modality = str(getattr(job.source, "modality", "") or "")
-        if modality and modality.upper() != "MR":
-            raise DecodeError(f"modality {modality} is not MR; medidiff enhances MR scans only")
+        refusal = _decode_refusal(job)
+        if refusal is not None:
+            raise DecodeError(refusal)
         data = decoder.load(job.source)
         task = choose_task(data, settings.task)
         entry["task"] = task

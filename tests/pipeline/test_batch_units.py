@@ -5,6 +5,7 @@ Manifest, temp cleanup, fingerprints, naming, task choice, isolation.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,6 +168,145 @@ def test_isolated_decoder_survives_a_crash_and_a_hang(monkeypatch):
         assert decoder.load(SmallSource()).shape == (2, 3, 4)
     finally:
         decoder.close()
+
+
+def numbered_source(number: int, **extra) -> SimpleNamespace:
+    """A scan that decodes to ``{"number": number, **options}``, so answers tell scans apart.
+
+    Built from picklable builtins: the decoding child loads it without importing this (slow) module."""
+    return SimpleNamespace(load=functools.partial(dict, number=number), **extra)
+
+
+def test_isolated_decoder_prefetch_then_load_in_order():
+    decoder = IsolatedDecoder(timeout_s=60)
+    try:
+        sources = [numbered_source(n) for n in range(4)]
+        for source in sources:
+            decoder.prefetch(source)
+        decoder.prefetch(sources[0])  # already pending: not sent twice
+        assert [decoder.load(s) for s in sources] == [{"number": n} for n in range(4)]
+        assert decoder.load(sources[2]) == {"number": 2}, "loaded again: sent again"
+        # options are part of the request: a prefetch with other options is not this load's answer
+        decoder.prefetch(sources[1], scale=2)
+        assert decoder.load(sources[1]) == {"number": 1}
+        decoder.prefetch(sources[3], scale=2)
+        assert decoder.load(sources[3], scale=2) == {"number": 3, "scale": 2}
+        # the engine's pattern: the next scan is prefetched before the current one is loaded
+        decoder.prefetch(sources[0])
+        for current, upcoming in zip(sources, [*sources[1:], None], strict=True):
+            if upcoming is not None:
+                decoder.prefetch(upcoming)
+            assert decoder.load(current) == {"number": sources.index(current)}
+    finally:
+        decoder.close()
+
+
+def test_isolated_decoder_prefetched_scans_nobody_loads_do_not_get_in_the_way(monkeypatch):
+    monkeypatch.chdir(REPO)
+    decoder = IsolatedDecoder(timeout_s=60)
+    try:
+        a, b, c = numbered_source(1), numbered_source(2), numbered_source(3)
+        decoder.prefetch(a)
+        assert decoder.load(c) == {"number": 3}, "a scan that was not prefetched, with another pending"
+        assert decoder.load(a) == {"number": 1}, "the dropped prefetch is sent again"
+        decoder.prefetch(a)
+        decoder.prefetch(b)
+        assert decoder.load(b) == {"number": 2}, "the older answer is read and discarded"
+        assert decoder.load(a) == {"number": 1}
+        decoder.prefetch(HangingSource())
+        assert decoder.load(c) == {"number": 3}, "a hanging prefetch nobody loads is dropped"
+        decoder.prefetch(a)
+        decoder.prefetch(HangingSource())
+        decoder.close()  # pending requests (one of them hanging) are dropped
+        assert decoder.load(b) == {"number": 2}, "a new child after close"
+    finally:
+        decoder.close()
+
+
+def test_isolated_decoder_prefetched_crash_and_hang_fail_only_their_scan(monkeypatch):
+    monkeypatch.chdir(REPO)
+    decoder = IsolatedDecoder(timeout_s=20)
+    try:
+        crashing, after = CrashingSource(), numbered_source(1)
+        decoder.prefetch(crashing)
+        decoder.prefetch(after)
+        with pytest.raises(DecodeError, match="crashed"):
+            decoder.load(crashing)
+        assert decoder.load(after) == {"number": 1}, "dropped with the crashed child, sent again"
+        decoder.timeout_s = 3
+        hanging, after = HangingSource(), numbered_source(2)
+        decoder.prefetch(hanging)
+        decoder.prefetch(after)
+        with pytest.raises(DecodeError, match="did not finish"):
+            decoder.load(hanging)
+        assert decoder.load(after) == {"number": 2}
+        # an older prefetch that crashes while its answer is discarded does not fail the scan asked for
+        decoder.prefetch(CrashingSource())
+        decoder.prefetch(after)
+        assert decoder.load(after) == {"number": 2}
+        assert decoder.load(SmallSource()).shape == (2, 3, 4)
+    finally:
+        decoder.close()
+
+
+def test_isolated_decoder_prefetched_scan_gets_its_full_timeout_after_the_one_before():
+    """Each of two queued decodes fits in the timeout, both together do not: the second one's time counts
+    from when the child could start it, not from when it was sent."""
+    decoder = IsolatedDecoder(timeout_s=8)
+    try:
+        # the child is started first, so that its start-up (imports) does not count against the first decode
+        assert decoder.load(SimpleNamespace(load=functools.partial(dict, warm=1))) == {"warm": 1}
+        slow = [SimpleNamespace(load=functools.partial(time.sleep, 5)) for _ in range(2)]
+        for source in slow:
+            decoder.prefetch(source)
+        assert [decoder.load(source) for source in slow] == [None, None]
+    finally:
+        decoder.close()
+
+
+def test_isolated_decoder_prefetch_of_a_large_request_does_not_block(monkeypatch):
+    """A request larger than the pipe is queued while the child is busy (here: hanging), not written with
+    a blocking write that would wait for the child."""
+    monkeypatch.chdir(REPO)
+    decoder = IsolatedDecoder(timeout_s=3)
+    try:
+        big = numbered_source(7, padding=b"x" * (4 << 20))
+        decoder.prefetch(HangingSource())
+        decoder.prefetch(big)  # returns: what the pipe does not take waits in a queue
+        assert decoder.load(numbered_source(8)) == {"number": 8}
+        decoder.prefetch(numbered_source(9))
+        decoder.prefetch(big)
+        assert decoder.load(big) == {"number": 7}
+    finally:
+        decoder.close()
+
+
+def test_needs_decoding_says_when_process_scan_loads(tmp_path):
+    """The engine prefetches exactly the scans process_scan will load, with its error messages kept."""
+    from medidiff.pipeline.settings import ScanJob
+    from medidiff.pipeline.worker import needs_decoding, process_scan
+
+    class RecordingDecoder:
+        def __init__(self):
+            self.loaded = []
+
+        def load(self, source, **options):
+            self.loaded.append(source)
+            raise DecodeError("decoded (stopped here)")
+
+    cases = {
+        "invalid": ("invalid", SimpleNamespace(problems=["truncated file"], modality=""), "truncated file"),
+        "invalid-silent": ("invalid", SimpleNamespace(problems=[], modality=""), "not a readable scan"),
+        "ct": ("dicom", SimpleNamespace(problems=[], modality="CT"), "modality CT is not MR"),
+        "mr": ("dicom", SimpleNamespace(problems=[], modality="mr"), "decoded"),
+        "unknown": ("nifti", SimpleNamespace(problems=[]), "decoded"),
+    }
+    decoder = RecordingDecoder()
+    for key, (kind, source, error) in cases.items():
+        job = ScanJob(key, source, key, "x", key, "f", kind)
+        entry = process_scan(job, tmp_path / "in", tmp_path / "out", EnhanceSettings(), None, decoder)
+        assert entry["status"] == "failed" and error in entry["error"], entry
+        assert needs_decoding(job) == any(s is source for s in decoder.loaded) == (error == "decoded"), key
 
 
 def test_out_inside_in_is_refused(tmp_path):
