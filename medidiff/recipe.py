@@ -105,6 +105,7 @@ class EnhanceConfig:
     batch_slices: int = 8
     self_check: bool = True  # per-scan do-no-harm check that sets how much of the model's residual to keep
     self_check_slices: int = 6
+    adapt: bool = False  # per-scan self-supervised fine-tuning by default (medidiff.pipeline.adapt)
 
 
 @dataclass(frozen=True)

@@ -473,8 +473,8 @@ def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool
     if not dc:
         model, dc_extra = _without_dc(func, model)
         extra.update(dc_extra)
-    if adapt:
-        extra.update(adapt=True, adapt_seconds=adapt_seconds)
+    # explicit either way: the plain method is the model alone, whatever the model's default
+    extra.update(adapt=adapt, adapt_seconds=adapt_seconds if adapt else None)
 
     def run(case: Case) -> tuple[Volume, dict[str, Any]]:
         if task in ("sr", "sr_thick"):

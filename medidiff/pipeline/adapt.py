@@ -36,6 +36,12 @@ DEFAULT_SECONDS = 30.0
 # 30 s for a 256 x 256 x 160 volume, scaled by the voxel count, between these bounds.
 MIN_SECONDS, MAX_SECONDS = 3.0, 30.0
 REFERENCE_VOXELS = 256 * 256 * 160
+# The budget is a number of optimiser steps, so that a scan gives the same result on any machine: as much
+# work as 20 steps of 4 slices of 256² (about 30 s on 2 CPU cores), between these bounds. The time box
+# (``seconds``) is only a safety stop, by default SAFETY x the size-scaled seconds above.
+WORK_PIXELS = 20 * 4 * 256 * 256
+MIN_STEPS, MAX_STEPS = 20, 100
+SAFETY = 4.0
 LR_FACTOR = 0.2  # of the recipe's training learning rate
 BATCH = 4
 
@@ -49,8 +55,19 @@ def _optimise(net: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tens
     opt.step()
 
 def auto_seconds(voxels: int) -> float:
-    """Default time box for a scan of ``voxels`` output voxels (30 s for 256 x 256 x 160)."""
+    """Size-scaled seconds for a scan of ``voxels`` output voxels (30 s for 256 x 256 x 160)."""
     return float(np.clip(DEFAULT_SECONDS * voxels / REFERENCE_VOXELS, MIN_SECONDS, MAX_SECONDS))
+
+
+def auto_steps(batch: int, pixels: int) -> int:
+    """Optimiser steps for batches of ``batch`` images of ``pixels`` pixels: ``WORK_PIXELS`` of work,
+    clipped to [MIN_STEPS, MAX_STEPS] (20 for 4 slices of 256², 100 for small single slices)."""
+    return int(np.clip(round(WORK_PIXELS / max(1, batch * pixels)), MIN_STEPS, MAX_STEPS))
+
+
+def safety_seconds(voxels: int) -> float:
+    """The default time box: a safety stop well above what the step budget takes on 2 CPU cores."""
+    return SAFETY * auto_seconds(voxels)
 
 
 @dataclass
@@ -161,8 +178,10 @@ def _held_loss(
 
 
 def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_axes: tuple[int, int],
-                 seconds: float, seed: int = 0) -> tuple[LoadedModel, AdaptReport]:
-    """Fine-tune a copy of ``loaded`` on ``refs`` (N, H, W, normalised) degraded by ``op`` for ``seconds``.
+                 seconds: float, seed: int = 0,
+                 max_steps: int | None = None) -> tuple[LoadedModel, AdaptReport]:
+    """Fine-tune a copy of ``loaded`` on ``refs`` (N, H, W, normalised) degraded by ``op``: ``max_steps``
+    optimiser steps (default :func:`auto_steps`), stopped early when ``seconds`` run out.
 
     ``factor_axes``: the resolution factor along H and W (crops must be multiples of it). Returns the adapted
     model (or ``loaded`` itself when adaptation did not pay) and the report.
@@ -186,7 +205,9 @@ def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_a
     sched = make_scheduler(loaded.recipe.diffusion)
     gen = torch.Generator().manual_seed(seed)
     deadline = t0 + seconds - check_cost  # the after-check costs about what the before-check did
-    while time.perf_counter() < deadline:
+    if max_steps is None:
+        max_steps = auto_steps(BATCH, pairs.ph * pairs.pw)
+    while report.steps < max_steps and time.perf_counter() < deadline:
         cond, x0 = pairs.batch(gen)
         loss = diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)
         _optimise(net, opt, loss, loaded.recipe.train.grad_clip)
@@ -261,8 +282,9 @@ def _recon_gain(loaded: LoadedModel, y: torch.Tensor, theta: np.ndarray, lam: np
 
 
 def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds: float,
-                 seed: int = 0) -> tuple[LoadedModel, AdaptReport]:
-    """Fine-tune a copy on single-coil normalised k-space ``y`` (S, H, W) by splitting its measured lines."""
+                 seed: int = 0, max_steps: int | None = None) -> tuple[LoadedModel, AdaptReport]:
+    """Fine-tune a copy on single-coil normalised k-space ``y`` (S, H, W) by splitting its measured lines:
+    ``max_steps`` optimiser steps (default :func:`auto_steps`), stopped early when ``seconds`` run out."""
     t0 = time.perf_counter()
     report = AdaptReport()
     _, lam = _line_split(mask, 0.4, seed)
@@ -283,7 +305,9 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     gen = torch.Generator().manual_seed(seed)
     deadline = t0 + seconds - check_cost  # the after-check costs about what the before-check did
     rng = np.random.default_rng(seed + 2)
-    while time.perf_counter() < deadline:
+    if max_steps is None:
+        max_steps = auto_steps(min(BATCH, len(y)), int(np.prod(y.shape[-2:])))
+    while report.steps < max_steps and time.perf_counter() < deadline:
         th, la = _line_split(mask, 0.4, int(rng.integers(1 << 30)))
         idx = torch.randint(0, len(y), (min(BATCH, len(y)),), generator=gen)
         loss = _recon_loss(net, loaded, y[idx], th, la, gen)

@@ -12,7 +12,8 @@ when the held-out gain's lower bound clears a margin (and, for SR, when the meas
 above the noise floor); otherwise the classical image comes back unchanged and the metrics say why
 (``gate_decision``, ``gate_reason``, ``gate_predicted_gain_db``). Blends of data-consistent images stay
 data-consistent.
-``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`).
+``adapt=True`` first fine-tunes a copy of the network on the scan (:mod:`medidiff.pipeline.adapt`); the
+default (``None``) is the model's own (``enhance.adapt`` of its recipe: on for reconstruction).
 
 Grids: in-plane SR maps LR sample ``i`` to HR sample ``f i``
 (``affine_hr = affine_lr @ diag(1/f, 1/f, 1, 1)`` on the in-plane axes);
@@ -325,7 +326,7 @@ def enhance_volume(
     batch_slices: int | None = None,
     progress: Progress | None = None,
     self_check: bool | None = None,
-    adapt: bool = False,
+    adapt: bool | None = None,
     adapt_seconds: float | None = None,
     gate_margin_db: float = gate.MARGIN_DB,
     precision: str = "auto",
@@ -334,8 +335,10 @@ def enhance_volume(
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
-    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` fine-tunes a copy of the
-    network on the scan first for ``adapt_seconds`` (default :func:`medidiff.pipeline.adapt.auto_seconds`).
+    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` (default: the recipe's)
+    fine-tunes a copy of the network on the scan first, for a fixed number of steps
+    (:func:`medidiff.pipeline.adapt.auto_steps`) unless ``adapt_seconds`` (default: a safety stop,
+    :func:`medidiff.pipeline.adapt.safety_seconds`) run out first.
     ``skip_background``: slices of air only (:func:`medidiff.physics.foreground.foreground_mask` of the
     input) are not sent through the network; they come back as the classical image. ``keep_candidate``:
     also return what the gate weighed (``EnhanceResult.candidate``, for evaluation), which costs the network
@@ -358,11 +361,11 @@ def enhance_volume(
     refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices)
     adapt_metrics: dict[str, float] = {}
     before = None
-    if adapt:
+    if adapt if adapt is not None else recipe.enhance.adapt:
         # The adapted network has learnt the scan's own check scale, where it always looks good: it is used
         # only where the original network's cross-scale check also passes, and never with a larger weight.
         before = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else None
-        seconds = adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(stack.size * f)
+        seconds = adapt_seconds if adapt_seconds is not None else adaptation.safety_seconds(stack.size * f)
         factors = (1, f) if task == "sr_thick" else (f, f)
         pool = refs if task == "sr" else _check_refs(task, stack, stack_t, scale, f, len(stack))
         loaded, report = adaptation.adapt_images(loaded, op, pool, factors, seconds, seed)
@@ -449,14 +452,16 @@ def _recon_gate(
 
 def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int = 1, seed: int = 0,
                    progress: Progress | None = None, batch_slices: int | None = None,
-                   self_check: bool | None = None, adapt: bool = False, adapt_seconds: float | None = None,
+                   self_check: bool | None = None, adapt: bool | None = None,
+                   adapt_seconds: float | None = None,
                    gate_margin_db: float = gate.MARGIN_DB, precision: str = "auto",
                    skip_background: bool = True, keep_candidate: bool = False) -> EnhanceResult:
     """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S).
 
     ``self_check`` (default: the recipe's) gates the model by a zero-shot split of the measured lines
     (single coil); where it declines, the zero-filled image comes back without a network evaluation.
-    ``adapt`` fine-tunes a copy of the network on the same kind of split first (single coil).
+    ``adapt`` (default: the recipe's, on for the shipped ``recon_x4``) fine-tunes a copy of the network on the
+    same kind of split first (single coil; a fixed step budget, ``adapt_seconds`` a safety stop).
     ``skip_background``: slices whose zero-filled image is all air come back zero-filled (k-space couples
     every pixel of a slice, so only whole slices are skipped). ``keep_candidate``: also return what the gate
     weighed (for evaluation)."""
@@ -481,9 +486,9 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
 
     scale = measurement_scale("recon", k, coil_dim=1 if multicoil else None)
     adapt_metrics: dict[str, float] = {}
-    if adapt and not multicoil:
+    if (adapt if adapt is not None else recipe.enhance.adapt) and not multicoil:
         seconds = (
-            adapt_seconds if adapt_seconds is not None else adaptation.auto_seconds(int(np.prod(k.shape)))
+            adapt_seconds if adapt_seconds is not None else adaptation.safety_seconds(int(np.prod(k.shape)))
         )
         loaded, report = adaptation.adapt_kspace(loaded, k / scale, mask, seconds, seed)
         runner = _Runner(loaded, steps, samples, seed, precision)

@@ -26,8 +26,8 @@ class EnhanceSettings:
     models: tuple[str, ...] = ()  # checkpoint folders / shipped names; each replaces its task's default
     seed: int = 0
     decode_timeout_s: float = 300.0
-    adapt: bool = False  # fine-tune a copy of the model on each scan first (medidiff.pipeline.adapt)
-    adapt_seconds: float | None = None  # its time box (None: scaled by the scan size)
+    adapt: bool | None = None  # fine-tune a copy of the model on each scan first (None: the model's default)
+    adapt_seconds: float | None = None  # its safety time box (None: scaled by the scan size)
     gate: bool = True  # the do-no-harm gate (medidiff.pipeline.gate)
     precision: str = "auto"  # network arithmetic: auto (bf16 where native) | fp32 | bf16
 
@@ -54,7 +54,7 @@ class EnhanceSettings:
         """The settings that change outputs (the decode timeout does not)."""
         params = asdict(self)
         params.pop("decode_timeout_s")
-        defaults = {"adapt": False, "adapt_seconds": None, "gate": True, "precision": "auto"}
+        defaults = {"adapt": None, "adapt_seconds": None, "gate": True, "precision": "auto"}
         for key, value in defaults.items():  # at their defaults they leave earlier fingerprints unchanged
             if params[key] == value:
                 params.pop(key)

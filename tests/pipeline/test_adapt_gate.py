@@ -16,6 +16,7 @@ from medidiff.models import build_model, default_model, load_model, save_checkpo
 from medidiff.models.checkpoint import weights_dir
 from medidiff.physics.operators import KSpaceTruncation
 from medidiff.physics.simulate import simulate_sr
+from medidiff.pipeline import adapt as adaptation
 from medidiff.pipeline import gate
 from medidiff.pipeline.adapt import adapt_images
 from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
@@ -102,13 +103,39 @@ def test_adaptation_respects_its_time_box_and_leaves_the_model_alone(block, harm
     refs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block.array, 2, 0))) / float(block.array.max())
     before = {k: v.clone() for k, v in harmful.net.state_dict().items()}
     t0 = time.perf_counter()
-    adapted, report = adapt_images(harmful, op, refs, (2, 2), seconds=10.0, seed=0)
+    adapted, report = adapt_images(harmful, op, refs, (2, 2), seconds=10.0, seed=0, max_steps=10**6)
     spent = time.perf_counter() - t0
     assert report.steps > 0 and abs(spent - 10.0) < 3.0 and report.seconds == pytest.approx(spent, abs=0.5)
     assert np.isfinite(report.loss_before) and np.isfinite(report.loss_after)
     assert all(torch.equal(before[k], v) for k, v in harmful.net.state_dict().items())
     if report.kept:
         assert adapted.net is not harmful.net and report.gain_after_db >= report.gain_before_db
+
+
+def test_adaptation_is_a_fixed_step_budget_and_repeatable(block, harmful):
+    """The default budget is a number of steps (not seconds): the same scan gives the same network."""
+    op = KSpaceTruncation(2)
+    refs = torch.from_numpy(np.ascontiguousarray(np.moveaxis(block.array, 2, 0))) / float(block.array.max())
+    runs = [adapt_images(harmful, op, refs, (2, 2), seconds=600.0, seed=3, max_steps=4) for _ in range(2)]
+    assert [r.steps for _, r in runs] == [4, 4]
+    assert runs[0][1].loss_after == runs[1][1].loss_after
+    assert adaptation.auto_steps(4, 256 * 256) == 20
+    assert adaptation.auto_steps(1, 32 * 32) == adaptation.MAX_STEPS
+    assert adaptation.safety_seconds(256 * 256 * 160) == pytest.approx(adaptation.SAFETY * 30.0)
+
+
+def test_the_models_recipe_decides_whether_enhance_adapts(block, harmful):
+    import dataclasses
+
+    lr, _ = simulate_sr(block, 2, axis="inplane", seed=0)
+    recipe = harmful.recipe
+    adapting = dataclasses.replace(harmful, recipe=dataclasses.replace(
+        recipe, enhance=dataclasses.replace(recipe.enhance, adapt=True)))
+    on = enhance_volume(lr, task="sr", model=adapting, seed=0, adapt_seconds=30.0)
+    assert on.metrics["adapt_steps"] > 0
+    off = enhance_volume(lr, task="sr", model=adapting, seed=0, adapt=False)
+    assert "adapt_steps" not in off.metrics
+    assert "adapt_steps" not in enhance_volume(lr, task="sr", model=harmful, seed=0).metrics
 
 
 def test_adapt_never_writes_the_shipped_weights(block):
@@ -143,7 +170,7 @@ def test_settings_carry_adapt_and_gate_without_changing_default_fingerprints():
     plain = EnhanceSettings(task="sr")
     assert "adapt" not in plain.fingerprint_params() and "gate" not in plain.fingerprint_params()
     assert "precision" not in plain.fingerprint_params()
-    assert plain.enhance_options() == {"adapt": False, "adapt_seconds": None, "self_check": None,
+    assert plain.enhance_options() == {"adapt": None, "adapt_seconds": None, "self_check": None,
                                        "precision": "auto"}
     custom = EnhanceSettings(task="sr", adapt=True, adapt_seconds=5.0, gate=False, precision="fp32")
     assert custom.fingerprint_params()["adapt"] is True and custom.fingerprint_params()["precision"] == "fp32"
