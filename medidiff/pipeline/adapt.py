@@ -148,6 +148,15 @@ class _ImagePairs:
         return self.cond_x0(torch.stack(crops))
 
 
+def _device(loaded: LoadedModel) -> torch.device:
+    return next(loaded.net.parameters()).device
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device`` (random draws are made where the network runs)."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
 def _gain_db(err0: float, err1: float) -> float:
     return float(10 * np.log10(err0 / err1)) if err0 > 0 and err1 > 0 else 0.0
 
@@ -157,7 +166,8 @@ def _image_gain(loaded: LoadedModel, op: Operator, held: torch.Tensor, seed: int
     y = op.A(held)
     base = op.pinv(y)
     pred = sample(loaded.net, loaded.recipe, op, y, samples=1,
-                  context=_context(loaded, base), generator=torch.Generator().manual_seed(seed)).mean
+                  context=_context(loaded, base), generator=_generator(seed, _device(loaded))).mean
+    pred = pred.to(held.device)
     return _gain_db(float(((held - base) ** 2).sum()), float(((held - pred) ** 2).sum()))
 
 
@@ -170,7 +180,7 @@ def _held_loss(
     net: torch.nn.Module, loaded: LoadedModel, cond: torch.Tensor, x0: torch.Tensor, seed: int
 ) -> float:
     sched = make_scheduler(loaded.recipe.diffusion)
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(seed, cond.device)
     with torch.no_grad():
         return float(
             np.mean([float(diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)) for _ in range(4)])
@@ -188,7 +198,8 @@ def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_a
     """
     t0 = time.perf_counter()
     report = AdaptReport()
-    train, held = _split(refs.float())
+    dev = _device(loaded)
+    train, held = _split(refs.float().to(dev))
     pairs = _ImagePairs(loaded, op, train, factor_axes)
     held_pairs = _ImagePairs(loaded, op, held, factor_axes)
     if not pairs.usable() or not held_pairs.usable():
@@ -203,13 +214,14 @@ def adapt_images(loaded: LoadedModel, op: Operator, refs: torch.Tensor, factor_a
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=loaded.recipe.train.lr * LR_FACTOR)
     sched = make_scheduler(loaded.recipe.diffusion)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # crop positions (CPU)
+    gen_dev = gen if dev.type == "cpu" else _generator(seed, dev)  # noise and time steps, on the device
     deadline = t0 + seconds - check_cost  # the after-check costs about what the before-check did
     if max_steps is None:
         max_steps = auto_steps(BATCH, pairs.ph * pairs.pw)
     while report.steps < max_steps and time.perf_counter() < deadline:
         cond, x0 = pairs.batch(gen)
-        loss = diffusion_loss(net, loaded.recipe, sched, cond, x0, gen)
+        loss = diffusion_loss(net, loaded.recipe, sched, cond, x0, gen_dev)
         _optimise(net, opt, loss, loaded.recipe.train.grad_clip)
         report.steps += 1
     net.eval()
@@ -252,7 +264,7 @@ def _recon_loss(net: torch.nn.Module, loaded: LoadedModel, y: torch.Tensor, thet
     """Normalised k-space error on Λ of the network's one-step image from the Θ samples."""
     recipe = loaded.recipe
     op = FourierUndersampling(theta)
-    y_t = y * torch.from_numpy(theta)
+    y_t = y * torch.from_numpy(theta).to(y.device)
     base = op.pinv(y_t)
     full = FourierUndersampling(np.maximum(theta, lam)).pinv(y)
     cond = to_channels(base, True).float()
@@ -260,13 +272,13 @@ def _recon_loss(net: torch.nn.Module, loaded: LoadedModel, y: torch.Tensor, thet
     sched = make_scheduler(recipe.diffusion)
     d = recipe.diffusion
     t_max = max(1, round(d.train_t_max * d.train_timesteps))
-    t = torch.randint(0, t_max, (x0.shape[0],), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, t_max, (x0.shape[0],), generator=gen, device=x0.device)
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
     x_t = sched.add_noise(x0, noise, t)
     out = padded_call(net, torch.cat([x_t, cond], dim=1), t, recipe.size_multiple).float()
     img = from_channels(to_x0(sched, d.prediction_type, out, x_t, t), True)
     img = img + (base if d.target == "residual" else 0)
-    lam_t = torch.from_numpy(lam)
+    lam_t = torch.from_numpy(lam).to(y.device)
     diff = (fft2c(img) - y) * lam_t
     return (diff.abs() ** 2).sum() / ((y * lam_t).abs() ** 2).sum().clamp_min(1e-12)
 
@@ -274,9 +286,9 @@ def _recon_loss(net: torch.nn.Module, loaded: LoadedModel, y: torch.Tensor, thet
 def _recon_gain(loaded: LoadedModel, y: torch.Tensor, theta: np.ndarray, lam: np.ndarray, seed: int) -> float:
     """Gain over zero-filling (which predicts 0) of the sampled image on the held-out measured samples Λ."""
     op = FourierUndersampling(theta)
-    pred = sample(loaded.net, loaded.recipe, op, y * torch.from_numpy(theta), samples=1,
-                  generator=torch.Generator().manual_seed(seed)).mean
-    lam_t = torch.from_numpy(lam)
+    pred = sample(loaded.net, loaded.recipe, op, y * torch.from_numpy(theta).to(y.device), samples=1,
+                  generator=_generator(seed, _device(loaded))).mean.to(y.device)
+    lam_t = torch.from_numpy(lam).to(y.device)
     err1 = float((((fft2c(pred) - y) * lam_t).abs() ** 2).sum())
     return _gain_db(float(((y * lam_t).abs() ** 2).sum()), err1)
 
@@ -292,9 +304,10 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     if lam.sum() == 0:
         report.seconds = time.perf_counter() - t0
         return loaded, report
-    y = y.to(torch.complex64)
+    dev = _device(loaded)
+    y = y.to(device=dev, dtype=torch.complex64)
     held = y[-max(1, len(y) // 4):]
-    gen_eval = torch.Generator().manual_seed(seed)
+    gen_eval = _generator(seed, dev)
     with torch.no_grad():
         report.loss_before = float(_recon_loss(loaded.net, loaded, held, h_theta, h_lam, gen_eval))
     report.gain_before_db = _recon_gain(loaded, held, h_theta, h_lam, seed)
@@ -302,7 +315,8 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     net = copy.deepcopy(loaded.net)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=loaded.recipe.train.lr * LR_FACTOR)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # slice choice (CPU)
+    gen_dev = gen if dev.type == "cpu" else _generator(seed, dev)  # noise and time steps, on the device
     deadline = t0 + seconds - check_cost  # the after-check costs about what the before-check did
     rng = np.random.default_rng(seed + 2)
     if max_steps is None:
@@ -310,14 +324,14 @@ def adapt_kspace(loaded: LoadedModel, y: torch.Tensor, mask: np.ndarray, seconds
     while report.steps < max_steps and time.perf_counter() < deadline:
         th, la = _line_split(mask, 0.4, int(rng.integers(1 << 30)))
         idx = torch.randint(0, len(y), (min(BATCH, len(y)),), generator=gen)
-        loss = _recon_loss(net, loaded, y[idx], th, la, gen)
+        loss = _recon_loss(net, loaded, y[idx.to(dev)], th, la, gen_dev)
         _optimise(net, opt, loss, loaded.recipe.train.grad_clip)
         report.steps += 1
     net.eval()
     adapted = dataclasses.replace(loaded, net=net)
     with torch.no_grad():
         report.loss_after = float(
-            _recon_loss(net, loaded, held, h_theta, h_lam, torch.Generator().manual_seed(seed))
+            _recon_loss(net, loaded, held, h_theta, h_lam, _generator(seed, dev))
         )
     report.gain_after_db = _recon_gain(adapted, held, h_theta, h_lam, seed)
     report.kept = report.steps > 0 and report.gain_after_db >= report.gain_before_db

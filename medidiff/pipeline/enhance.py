@@ -117,12 +117,12 @@ class _Runner:
         n = self.recipe.model.neighbours
         ctx = None
         if n and stack_y is not None and index is not None:
-            parts = []
-            for s in index:
-                nb = neighbour_index(len(stack_y), s, n)
-                parts.append(torch.cat([to_channels(op.pinv(stack_y[j][None]), self.recipe.complex_images)[0]
-                                        for j in nb]))
-            ctx = torch.stack(parts)
+            # each needed slice's back-projection once, in one batch (neighbours are shared between slices)
+            nbs = [neighbour_index(len(stack_y), s, n) for s in index]
+            need = sorted({j for nb in nbs for j in nb})
+            pos = {j: i for i, j in enumerate(need)}
+            chans = to_channels(op.pinv(stack_y[need]), self.recipe.complex_images)
+            ctx = torch.stack([torch.cat([chans[pos[j]] for j in nb]) for nb in nbs])
         elif n:
             base = op.pinv(y)
             ctx = torch.cat([to_channels(base, self.recipe.complex_images)] * (2 * n), dim=1)
@@ -511,16 +511,17 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         zf_all = rss(zf_all, coil_dim=1) if multicoil else zf_all
         signal = foreground_mask(zf_all.numpy()).any(axis=(1, 2))
     dc_num = dc_den = 0.0
+    k_n = k / scale
     for start in range(0, n, batch):
         index = list(range(start, min(n, start + batch)))
         op = operator_for(index[0])
-        y = k[index] / scale
+        y = k_n[index]
         zf = op.pinv(y)
         mean, std = zf, None
         run = [i for i, s in enumerate(index) if signal[s]] if use_network else []
         if run:
             run_index = [index[i] for i in run]
-            res = runner.run(op, y[run], stack_y=k / scale, index=run_index)
+            res = runner.run(op, y[run], stack_y=k_n, index=run_index)
             mean, std = zf.clone(), None if res.std is None else torch.zeros(zf.shape)
             mean[run] = res.mean
             if std is not None:
