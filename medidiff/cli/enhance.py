@@ -115,7 +115,7 @@ def enhance(
     adapt_seconds: float | None = typer.Option(
         None, "--adapt-seconds", min=0.1,
         help="Safety time box of the adaptation per scan: it stops early when this runs out (default: 4x "
-        "what the step budget takes on 2 CPU cores; 120 s for a 256x256x160 volume).",
+        "what the step budget takes on 2 CPU cores: 120 s).",
     ),
     gate: bool = typer.Option(
         True, "--gate/--no-gate",

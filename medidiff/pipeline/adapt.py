@@ -38,7 +38,7 @@ MIN_SECONDS, MAX_SECONDS = 3.0, 30.0
 REFERENCE_VOXELS = 256 * 256 * 160
 # The budget is a number of optimiser steps, so that a scan gives the same result on any machine: as much
 # work as 20 steps of 4 slices of 256² (about 30 s on 2 CPU cores), between these bounds. The time box
-# (``seconds``) is only a safety stop, by default SAFETY x the size-scaled seconds above.
+# (``seconds``) is only a safety stop, by default SAFETY x MAX_SECONDS.
 WORK_PIXELS = 20 * 4 * 256 * 256
 MIN_STEPS, MAX_STEPS = 20, 100
 SAFETY = 4.0
@@ -66,8 +66,10 @@ def auto_steps(batch: int, pixels: int) -> int:
 
 
 def safety_seconds(voxels: int) -> float:
-    """The default time box: a safety stop well above what the step budget takes on 2 CPU cores."""
-    return SAFETY * auto_seconds(voxels)
+    """The default time box: a safety stop well above what the step budget takes on 2 CPU cores (the budget
+    is at most ``WORK_PIXELS`` of work, about ``MAX_SECONDS``, whatever the scan's size)."""
+    del voxels  # the budget, not the scan's size, bounds the work
+    return SAFETY * MAX_SECONDS
 
 
 @dataclass

@@ -121,7 +121,7 @@ def test_adaptation_is_a_fixed_step_budget_and_repeatable(block, harmful):
     assert runs[0][1].loss_after == runs[1][1].loss_after
     assert adaptation.auto_steps(4, 256 * 256) == 20
     assert adaptation.auto_steps(1, 32 * 32) == adaptation.MAX_STEPS
-    assert adaptation.safety_seconds(256 * 256 * 160) == pytest.approx(adaptation.SAFETY * 30.0)
+    assert adaptation.safety_seconds(64 * 64) == adaptation.safety_seconds(256 * 256 * 160) == 120.0
 
 
 def test_the_models_recipe_decides_whether_enhance_adapts(block, harmful):
