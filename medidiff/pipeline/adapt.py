@@ -66,8 +66,9 @@ def auto_steps(batch: int, pixels: int) -> int:
 
 
 def safety_seconds(voxels: int) -> float:
-    """The default time box: a safety stop well above what the step budget takes on 2 CPU cores (the budget
-    is at most ``WORK_PIXELS`` of work, about ``MAX_SECONDS``, whatever the scan's size)."""
+    """The default time box: a safety stop above what the step budget takes on 2 CPU cores (``WORK_PIXELS``
+    of work, about ``MAX_SECONDS``, for slices up to about 256²; the ``MIN_STEPS`` floor makes larger
+    slices take longer, and there the stop may end adaptation early, which the manifest records)."""
     del voxels  # the budget, not the scan's size, bounds the work
     return SAFETY * MAX_SECONDS
 
