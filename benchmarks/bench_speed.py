@@ -260,7 +260,7 @@ def part_quality(args) -> None:
                 rows.append([task, panel, case.name, "x".join(map(str, ref.shape)), f"{p32:.3f}",
                              f"{p16:.3f}", f"{p16 - p32:+.3f}", f"{out['fp32'][1] / out['bf16'][1]:.2f}x"])
                 print(" | ".join(rows[-1]), flush=True)
-    print("\n### bf16 vs fp32 on the held-out and out-of-domain panels (defaults; recon without adaptation)\n")
+    print("\n### bf16 vs fp32 on the held-out and out-of-domain panels (defaults; recon not adapted)\n")
     print(table(["task", "panel", "case", "shape", "PSNR fp32", "PSNR bf16", "ΔPSNR", "speed-up (one run)"],
                 rows))
     print()
