@@ -292,15 +292,18 @@ def make_engine(
     if kind == "local":
         return LocalEngine(input_root, output_root, settings, threads=threads, device=device)
     if kind == "ray":
-        return RayEngine(
-            input_root,
-            output_root,
-            settings,
-            address=address,
-            num_workers=num_workers,
-            threads=threads,
-            device=device,
-        )
+        try:
+            return RayEngine(
+                input_root,
+                output_root,
+                settings,
+                address=address,
+                num_workers=num_workers,
+                threads=threads,
+                device=device,
+            )
+        except ValueError as exc:  # the cluster cannot run what was asked (e.g. CUDA without GPUs)
+            raise BatchUsageError(str(exc)) from None
     raise BatchUsageError(f"engine must be 'local' or 'ray', got {kind!r}")
 
 

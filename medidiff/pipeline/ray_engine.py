@@ -80,6 +80,11 @@ class RayEngine:
             self._started_ray = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+        if device == "cuda" and not gpus:  # actors would ask for CUDA on nodes that have none
+            if self._started_ray:
+                ray.shutdown()
+            raise ValueError("--device cuda, but the Ray cluster reports no GPU; use --device auto or cpu, "
+                             "or start Ray on nodes with GPUs")
         cpus = max(1, int(resources.get("CPU", 1)))
         if gpus:
             count, options, threads = num_workers or gpus, {"num_gpus": 1, "num_cpus": 1}, threads or 4

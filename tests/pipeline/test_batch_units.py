@@ -456,3 +456,19 @@ def test_isolated_decoder_passes_reader_options(tmp_path):
         assert vol.shape == (4, 5, 6) and np.isnan(vol.array).sum() == 1
     finally:
         decoder.close()
+
+
+def test_ray_engine_refuses_cuda_on_a_cluster_without_gpus(tmp_path):
+    """`--engine ray --device cuda` on a cluster with no GPU is a usage error, not CPU actors that ask for
+    CUDA; the Ray it started is shut down again."""
+    import ray
+    import torch
+
+    from medidiff.pipeline.batch import make_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: Ray would see it")
+    (tmp_path / "IN").mkdir()
+    with pytest.raises(BatchUsageError, match="no GPU"):
+        make_engine("ray", tmp_path / "IN", tmp_path / "OUT", EnhanceSettings(task="sr"), device="cuda")
+    assert not ray.is_initialized()
