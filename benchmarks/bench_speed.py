@@ -70,7 +70,7 @@ def part_slice(args) -> None:
     from medidiff.baselines.recon import compressed_sensing
     from medidiff.models import default_model
     from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
-    from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+    from medidiff.pipeline.enhance import enhance_kspace
 
     # fp32 / bf16: what `enhance --precision` runs (channels-last, fused attention); "bf16 eager": the
     # network as loaded, bf16 autocast only (the layout before); ONNX Runtime fp32 when installed
@@ -94,12 +94,11 @@ def part_slice(args) -> None:
                     m, kw = dataclasses.replace(loaded, net=OnnxRuntimeNetwork(loaded.net)), plain
                 elif p == "bf16 eager":
                     m, kw = dataclasses.replace(loaded, net=prepare_network(loaded.net, "bf16")), plain
-                fns[p] = _enhance_fn(task, m, inp, kw, enhance_volume, enhance_kspace)
+                fns[p] = _enhance_fn(task, m, inp, kw)
             if n_vol > 1:  # the default precision, per slice of a scan of n_vol slices (the gate amortised)
                 hr_v = mni_slices(size, n_vol)
                 inp_v = sr_input(hr_v)[0] if task == "sr" else recon_input(hr_v)[0]
-                fns[f"auto, {n_vol}-slice scan"] = _enhance_fn(task, loaded, inp_v, plain, enhance_volume,
-                                                                 enhance_kspace)
+                fns[f"auto, {n_vol}-slice scan"] = _enhance_fn(task, loaded, inp_v, plain)
             sec = round_robin(fns, args.repeats)
             for p in fns:
                 if p == "cs":
@@ -122,8 +121,10 @@ def part_slice(args) -> None:
                  "enhance / CS"], rows))
 
 
-def _enhance_fn(task, model, inp, kw, enhance_volume, enhance_kspace):
+def _enhance_fn(task, model, inp, kw):
     """A callable that enhances ``inp`` with the pipeline at its defaults (plus ``kw``)."""
+    from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
+
     if task == "sr":
         return lambda: enhance_volume(inp, task="sr", model=model, seed=0, **kw)
     return lambda: enhance_kspace(inp, model=model, seed=0, **kw)

@@ -39,11 +39,11 @@ REFERENCE_VOXELS = 256 * 256 * 160
 # The budget is a number of optimiser steps, so that a scan gives the same result on any machine: as much
 # work as 20 steps of 4 slices of 256² (about 30 s on 2 CPU cores), between these bounds. The time box
 # (``seconds``) is only a safety stop, by default SAFETY x MAX_SECONDS.
-WORK_PIXELS = 20 * 4 * 256 * 256
+BATCH = 4
+WORK_PIXELS = 20 * BATCH * 256 * 256
 MIN_STEPS, MAX_STEPS = 20, 100
 SAFETY = 4.0
 LR_FACTOR = 0.2  # of the recipe's training learning rate
-BATCH = 4
 
 
 

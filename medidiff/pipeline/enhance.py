@@ -381,10 +381,11 @@ def enhance_volume(
         decision = gate.combine(before, decision)
     weight = decision.weight
     keep = check and keep_candidate
-    foreground = foreground_mask(stack) if skip_background else None
+    use_network = weight > 0 or keep
+    foreground = foreground_mask(stack) if skip_background and use_network else None
     out = _enhance_stack(runner, op, stack_t, scale, weight, batch, progress,
                          decision.candidate_weight if keep else None, task,
-                         use_network=weight > 0 or keep, foreground=foreground)
+                         use_network=use_network, foreground=foreground)
 
     meta = {"description": f"medidiff {task} x{f}", "derived_by": f"medidiff {loaded.name}"}
     metrics = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medidiff.io import Volume
-from medidiff.models import build_model, default_model, load_model, save_checkpoint
+from medidiff.models import default_model
 from medidiff.models.checkpoint import weights_dir
 from medidiff.physics.operators import KSpaceTruncation
 from medidiff.physics.simulate import simulate_sr
@@ -21,18 +21,12 @@ from medidiff.pipeline import gate
 from medidiff.pipeline.adapt import adapt_images
 from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 from medidiff.recipe import load_recipe, with_overrides
+from tests.pipeline.perturbed import SMOKE, perturbed_model
 
-SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 MNI = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: time boxes are measured on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # time boxes are measured on a shared machine
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +37,11 @@ def block() -> Volume:
     return Volume(np.ascontiguousarray(arr), img.affine)
 
 
-def _noisy_model(recipe, seed: int, folder):
-    """A tiny network with large random weights added: its output is structured noise (made to hurt)."""
-    torch.manual_seed(0)
-    net = build_model(recipe)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    return load_model(save_checkpoint(folder, net, recipe))
-
-
 @pytest.fixture(scope="module")
 def harmful(tmp_path_factory):
     """A tiny DiffusionModelUNet with large random weights: its output is structured noise."""
     recipe = with_overrides(load_recipe(SMOKE), task={"kind": "sr", "factor": 2}, model={"neighbours": 0})
-    return _noisy_model(recipe, 1, tmp_path_factory.mktemp("harm") / "m")
+    return perturbed_model(recipe, tmp_path_factory.mktemp("harm") / "m", 0.5, seed=1)
 
 
 def test_cross_fit_known_values():
@@ -156,7 +139,7 @@ def test_a_reconstruction_model_made_to_hurt_returns_zero_filling(block, tmp_pat
     recipe = with_overrides(load_recipe(SMOKE),
                             task={"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08},
                             model={"neighbours": 0})
-    model = _noisy_model(recipe, 2, tmp_path / "m")
+    model = perturbed_model(recipe, tmp_path / "m", 0.5, seed=2)
     data, _ref = simulate_recon(block, 4.0, 0.08, "equispaced", 1, 0)
     res = enhance_kspace(data, model=model, seed=0)
     assert np.allclose(res.enhanced.array, res.baseline.array, atol=1e-6 * float(res.baseline.array.max()))

@@ -9,15 +9,13 @@ import nibabel as nib
 import nilearn
 import numpy as np
 import pytest
-import torch
 
 from medidiff.io import Volume
-from medidiff.models import build_model, load_model, save_checkpoint
 from medidiff.physics.simulate import simulate_recon, simulate_sr
 from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 from medidiff.recipe import load_recipe, with_overrides
+from tests.pipeline.perturbed import SMOKE, perturbed_model
 
-SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 MNI = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 TASKS = {"sr": {"kind": "sr", "factor": 2}, "sr_thick": {"kind": "sr_thick", "factor": 4},
          "recon": {"kind": "recon", "acceleration": 4.0, "center_fraction": 0.08}}
@@ -37,13 +35,7 @@ def models(tmp_path_factory):
         recipe = with_overrides(
             load_recipe(SMOKE), task=cfg, model={"neighbours": 1 if task == "sr_thick" else 0}
         )
-        torch.manual_seed(0)
-        net = build_model(recipe)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-        out[task] = load_model(save_checkpoint(tmp_path_factory.mktemp(task) / "m", net, recipe))
+        out[task] = perturbed_model(recipe, tmp_path_factory.mktemp(task) / "m", 0.02)
     return out
 
 

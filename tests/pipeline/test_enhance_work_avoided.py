@@ -7,29 +7,23 @@ import nibabel as nib
 import nilearn
 import numpy as np
 import pytest
-import torch
 
 from medidiff.io import Volume
 from medidiff.io.kspace import KSpaceData
 from medidiff.metrics import psnr
-from medidiff.models import build_model, default_model, load_model, save_checkpoint
+from medidiff.models import default_model
 from medidiff.physics.fft import fft2c_np
 from medidiff.physics.masks import make_mask
 from medidiff.physics.simulate import simulate_sr
 from medidiff.pipeline import enhance as enhance_mod
 from medidiff.pipeline.enhance import enhance_kspace, enhance_volume
 from medidiff.recipe import load_recipe, with_overrides
+from tests.pipeline.perturbed import SMOKE, perturbed_model
 
 MNI = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _head_with_air(n_anatomy: int, n_air: int, seed: int = 0) -> np.ndarray:
@@ -76,20 +70,10 @@ def test_skipping_air_slices_leaves_the_body_slices_alone(scan):
     assert off.metrics["foreground_fraction"] == 1.0
 
 
-def _harmful_sr(folder):
-    recipe = with_overrides(load_recipe(SMOKE), task={"kind": "sr", "factor": 2}, model={"neighbours": 0})
-    torch.manual_seed(0)
-    net = build_model(recipe)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    return load_model(save_checkpoint(folder, net, recipe))
-
-
 def test_a_declined_scan_costs_only_the_self_check(scan, tmp_path, monkeypatch):
     lr, _ = scan
-    harmful = _harmful_sr(tmp_path / "m")
+    recipe = with_overrides(load_recipe(SMOKE), task={"kind": "sr", "factor": 2}, model={"neighbours": 0})
+    harmful = perturbed_model(recipe, tmp_path / "m", 0.5)
     calls = []
     real_run = enhance_mod._Runner.run
 
