@@ -46,6 +46,11 @@ class DiffusionConfig:
     train_t_max: float = 1.0  # train on t < train_t_max * T (sampling starts at <= strength * T)
     steps: int = 4  # network evaluations per sample at inference
     strength: float = 0.5  # start from the noised conditioning at t = strength * T
+    # Where the few sampling steps sit on the DDPM/DDIM chain (the names diffusers uses). "leading": the last
+    # step is t = 0, a refinement of the data-consistent image (pays for reconstruction's iterated DC);
+    # "trailing": t = strength * T, ..., T / n - 1, every step at a noise level the network denoises from
+    # (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
+    timestep_spacing: Literal["leading", "trailing"] = "leading"
     dc: Literal["hard", "prox", "none"] = "hard"
     dc_weight: float = 1.0  # prox weight (noisy measurements)
 
@@ -240,6 +245,10 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
             f"diffusion.train_t_max ({d.train_t_max}) < strength ({d.strength}): sampling would start at "
             "noise levels the model never saw"
         )
+    if d.timestep_spacing not in ("leading", "trailing"):
+        problems.append(f"diffusion.timestep_spacing must be leading or trailing, got {d.timestep_spacing!r}")
+    elif d.timestep_spacing == "trailing" and d.scheduler == "rflow":
+        problems.append("diffusion.timestep_spacing 'trailing' applies to ddpm/ddim; rflow has its own schedule")
     if d.schedule == "cosine" and d.scheduler == "rflow":
         problems.append("diffusion.schedule does not apply to rflow; leave it at linear_beta")
     if any(c % m.norm_num_groups for c in m.channels):

@@ -101,16 +101,23 @@ def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, c
 
 
 def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float,
-                       device: torch.device | str = "cpu") -> Tensor:
+                       device: torch.device | str = "cpu", spacing: str = "leading") -> Tensor:
     """``set_timesteps`` for the whole chain, keeping the last ``steps`` (start at ``strength * T``).
 
     DDPM/DDIM timesteps are evenly spaced by ``T // n`` so that the scheduler's own ``prev_timestep``
-    arithmetic lands exactly on the next timestep of the loop.
+    arithmetic lands exactly on the next timestep of the loop. ``spacing`` (DDPM/DDIM): ``"leading"`` puts
+    them at ``(n - 1) r, ..., r, 0`` (the last step at t = 0); ``"trailing"`` at ``n r - 1, ..., r - 1`` (each
+    step at a noise level: one step at strength 0.5 is t = T / 2 - 1, not t = 0).
     """
+    if spacing not in ("leading", "trailing"):
+        raise ValueError(f"timestep spacing must be 'leading' or 'trailing', got {spacing!r}")
     n_total = max(steps, round(steps / strength))
     n_total = min(n_total, scheduler.num_train_timesteps)
     scheduler.set_timesteps(n_total, device=device)
     if not is_rflow(scheduler):
         ratio = scheduler.num_train_timesteps // n_total
-        scheduler.timesteps = (torch.arange(n_total - 1, -1, -1, device=device) * ratio).long()
+        if spacing == "trailing":
+            scheduler.timesteps = (torch.arange(n_total, 0, -1, device=device) * ratio - 1).long()
+        else:
+            scheduler.timesteps = (torch.arange(n_total - 1, -1, -1, device=device) * ratio).long()
     return scheduler.timesteps[-steps:]

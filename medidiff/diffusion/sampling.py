@@ -125,7 +125,7 @@ def sample(
     residual = d.target == "residual"
 
     scheduler = make_scheduler(d)
-    timesteps = sampling_timesteps(scheduler, steps, strength, device=device)
+    timesteps = sampling_timesteps(scheduler, steps, strength, device=device, spacing=d.timestep_spacing)
     image_cond = cond[:, : recipe.image_channels]
     start = torch.zeros_like(image_cond) if residual else image_cond
     noise = torch.randn(start.shape, generator=generator, device=device, dtype=start.dtype)

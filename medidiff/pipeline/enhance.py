@@ -216,20 +216,38 @@ def _checked_model(model: LoadedModel | str | None, task: str, factor: int | Non
 
 
 def _check_refs(task: str, stack: np.ndarray, stack_t: torch.Tensor, scale: float, f: int,
-                count: int) -> torch.Tensor:
+                count: int, phases: bool = False) -> torch.Tensor:
     """The scan's own images that stand in for the truth: ``sr`` its slices, ``sr_thick`` its sharp in-plane
-    images (SMORE: the sharp in-plane direction stands in for the thick one); normalised, cropped to ``f``."""
+    images (SMORE: the sharp in-plane direction stands in for the thick one); normalised, cropped to ``f``.
+    ``phases``: a thin slab's single image gives every placement of the thick-slice grid
+    (:func:`slice_phases`), for the gate (not for adaptation, whose held-out images must not share pixels with
+    its training ones)."""
     if task == "sr":
         idx = _check_slices(stack, count)
         refs = stack_t[idx]
         h, w = refs.shape[-2:]
         return refs[..., : h - h % f, : w - w % f]
     inplane = np.moveaxis(stack, 2, 0)  # (Zlr, P, Q)
-    if inplane.shape[1] < 16:  # a thin slab (one image): its other sharp axis, transposed, stands in
+    thin = inplane.shape[1] < 16
+    if thin:  # a thin slab (one image): its other sharp axis, transposed, stands in
         inplane = np.swapaxes(stack, 1, 2)  # (N, Zlr, P)
     idx = _check_slices(inplane, count)
     refs = torch.from_numpy(np.ascontiguousarray(inplane[idx])) / scale
+    if thin and phases:
+        return slice_phases(refs, f)
     return refs[..., : refs.shape[-1] - refs.shape[-1] % f]
+
+
+def slice_phases(refs: torch.Tensor, f: int) -> torch.Tensor:
+    """The ``f`` placements of a thick-slice grid on images (N, a, n): each image cropped to start at thin
+    slice ``p`` = 0 .. f-1 (same length, a multiple of ``f``), so one image gives ``f`` different check pairs.
+    A thin slab's self-check has a single image; with one grid placement its tiles are too few for the gate's
+    folds to bound the gain. Images too short for that come back cropped to ``f`` only."""
+    n = refs.shape[-1]
+    length = (n - (f - 1)) // f * f
+    if f < 2 or length < 4 * f:
+        return refs[..., : n - n % f]
+    return torch.cat([refs[..., p: p + length] for p in range(f)])
 
 
 def _self_check(runner: _Runner, op: Operator, task: str, refs: torch.Tensor, stack_t: torch.Tensor,
@@ -358,7 +376,7 @@ def enhance_volume(
     stack_t = torch.from_numpy(np.ascontiguousarray(stack)) / scale
 
     check = recipe.enhance.self_check if self_check is None else self_check
-    refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices)
+    refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices, phases=True)
     adapt_metrics: dict[str, float] = {}
     before = None
     if adapt if adapt is not None else recipe.enhance.adapt:

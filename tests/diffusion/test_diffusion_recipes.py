@@ -48,6 +48,8 @@ def test_bad_choice_named(tmp_path):
         ("data: {patch_size: 60}\n", "patch_size 60 must be a multiple of 8"),
         ("diffusion: {strength: 0.8, train_t_max: 0.5}\n", "never saw"),
         ("task: {kind: sr, factor: 1}\n", "factor must be >= 2"),
+        ("diffusion: {scheduler: rflow, timestep_spacing: trailing}\n", "trailing.*rflow"),
+        ("diffusion: {timestep_spacing: linspace}\n", "timestep_spacing"),
     ],
 )
 def test_impossible_combinations(tmp_path, text, message):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medidiff.diffusion.process import from_x0, make_scheduler, to_x0
+from medidiff.diffusion.process import from_x0, make_scheduler, sampling_timesteps, to_x0
 from medidiff.diffusion.sampling import DataConsistency, sample
 from medidiff.models import build_model
 from medidiff.recipe import DiffusionConfig, Recipe, with_overrides
@@ -87,3 +87,47 @@ def test_to_x0_and_from_x0_invert_each_other(scheduler, prediction_type):
     else:
         assert torch.allclose(back, out, atol=1e-9)
         assert torch.allclose(to_x0(sch, prediction_type, back, x_t, t), x0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spacing, steps, expected",
+    [
+        ("leading", 1, [0]),  # one step at t = 0: the network sees (almost) no noise level at all
+        ("leading", 2, [250, 0]),
+        ("trailing", 1, [499]),
+        ("trailing", 2, [499, 249]),
+        ("trailing", 4, [499, 374, 249, 124]),
+    ],
+)
+def test_timestep_spacing_known_values_and_ddim_lands_on_them(spacing, steps, expected):
+    """Strength 0.5 of a 1000-step chain: leading ends at t = 0, trailing starts at T/2 - 1. The scheduler's
+    own step arithmetic (t - T / n) must land exactly on the next timestep, and the last one on -1 (alpha = 1,
+    the clean image) or 0."""
+    sch = make_scheduler(DiffusionConfig(scheduler="ddim", timestep_spacing=spacing))
+    ts = sampling_timesteps(sch, steps, 0.5, spacing=spacing)
+    assert ts.tolist() == expected
+    stride = sch.num_train_timesteps // sch.num_inference_steps
+    nxt = [int(t) - stride for t in ts]
+    assert nxt[:-1] == ts.tolist()[1:]
+    assert nxt[-1] == (-1 if spacing == "trailing" else -stride)
+    with pytest.raises(ValueError, match="spacing"):
+        sampling_timesteps(sch, steps, 0.5, spacing="linspace")
+
+
+@pytest.mark.parametrize("spacing, expected", [("leading", [250, 0]), ("trailing", [499, 249])])
+def test_sampler_calls_the_network_at_the_recipe_timesteps(spacing, expected):
+    recipe, net, op, y = _setup("sr", timestep_spacing=spacing, steps=2)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, timesteps, **kw):
+            seen.append(sorted(set(timesteps.tolist())))
+            return self.inner(x, timesteps, **kw)
+
+    out = sample(Recording(net), recipe, op, y, generator=torch.Generator().manual_seed(0))
+    assert seen == [[t] for t in expected] and out.network_evals == 2
+    assert float((op.A(out.mean) - y).norm() / y.norm()) < 1e-3

@@ -172,3 +172,37 @@ def test_an_adapted_network_is_used_only_where_the_original_check_passes_too():
     assert gate.combine(no, big).weight == 0.0 and "before adaptation" in gate.combine(no, big).reason
     assert gate.combine(yes, big).weight == pytest.approx(0.8)
     assert gate.combine(yes, no).weight == 0.0
+
+
+def test_slice_phases_are_every_grid_placement_of_one_image():
+    """A thin slab's self-check image gives f check pairs, one per placement of the thick-slice grid."""
+    from medidiff.pipeline.enhance import slice_phases
+
+    refs = torch.arange(2 * 3 * 56, dtype=torch.float32).reshape(2, 3, 56)
+    out = slice_phases(refs, 4)
+    assert out.shape == (8, 3, 52)  # (56 - 3) rounded down to a multiple of 4, 4 placements of 2 images
+    for p in range(4):
+        assert torch.equal(out[2 * p: 2 * p + 2], refs[..., p: p + 52])
+    short = torch.zeros(1, 3, 18)  # too short for 4 placements of at least 4 thick slices: cropped only
+    assert slice_phases(short, 4).shape == (1, 3, 16)
+
+
+def test_a_thin_slab_check_uses_every_grid_placement(monkeypatch):
+    """Through-plane SR of one image: the gate's check pairs come from all f placements of the grid, and
+    adaptation's pool (whose held-out images must not share pixels with training ones) from one."""
+    import medidiff.pipeline.enhance as enh
+
+    seen = []
+    real = enh._check_residuals
+
+    def spy(runner, op, refs, task="sr"):
+        seen.append(tuple(refs.shape))
+        return real(runner, op, refs, task)
+
+    monkeypatch.setattr(enh, "_check_residuals", spy)
+    rng = np.random.default_rng(0)
+    img = rng.random((1, 64, 16)).astype(np.float32) + 1.0
+    vol = Volume(img, np.diag([1.0, 1.0, 4.0, 1.0]))
+    res = enhance_volume(vol, task="sr_thick", adapt=False)
+    assert res.enhanced.array.shape == (1, 64, 64)
+    assert seen == [(4, 16, 60)]  # the image transposed (thick axis first), 4 placements of 60 thin pixels
