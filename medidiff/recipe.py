@@ -51,6 +51,9 @@ class DiffusionConfig:
     # "trailing": t = strength * T, ..., T / n - 1, every step at a noise level the network denoises from
     # (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
     timestep_spacing: Literal["leading", "trailing"] = "leading"
+    # Share of training examples noised from the sampler's start (zero residual / the conditioning image) at
+    # its first timestep, as the first sampling step sees them (x0 prediction, DDPM/DDIM only). 0 = off.
+    train_from_start: float = 0.0
     dc: Literal["hard", "prox", "none"] = "hard"
     dc_weight: float = 1.0  # prox weight (noisy measurements)
 
@@ -249,6 +252,10 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
         problems.append(f"diffusion.timestep_spacing must be leading or trailing, got {d.timestep_spacing!r}")
     elif d.timestep_spacing == "trailing" and d.scheduler == "rflow":
         problems.append("diffusion.timestep_spacing 'trailing' applies to ddpm/ddim; rflow has its own schedule")
+    if not 0 <= d.train_from_start <= 1:
+        problems.append(f"diffusion.train_from_start must be in [0, 1], got {d.train_from_start}")
+    elif d.train_from_start > 0 and (d.prediction_type != "sample" or d.scheduler == "rflow"):
+        problems.append("diffusion.train_from_start needs prediction_type 'sample' with ddpm or ddim")
     if d.schedule == "cosine" and d.scheduler == "rflow":
         problems.append("diffusion.schedule does not apply to rflow; leave it at linear_beta")
     if any(c % m.norm_num_groups for c in m.channels):

@@ -89,15 +89,43 @@ def training_target(
 
 def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, cond: Tensor, x0: Tensor,
                    generator: torch.Generator) -> Tensor:
-    """MSE of the network's prediction at a random noise level; ``x0`` is the clean target in channel form."""
+    """MSE of the network's prediction at a random noise level; ``x0`` is the clean target in channel form.
+
+    With ``diffusion.train_from_start`` = p, a share p of the examples is noised from where the sampler
+    starts (a zero residual, or the conditioning image for the image target) at the sampler's first timestep,
+    as the first sampling step sees it, instead of from ``x0``: the network learns to predict ``x0`` from the
+    conditioning when the noisy input carries none of it.
+    """
     d = recipe.diffusion
     t_max = max(1, round(d.train_t_max * d.train_timesteps))
     t = torch.randint(0, t_max, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = scheduler.add_noise(x0, noise, t)
+    x_in = x0
+    if d.train_from_start > 0:
+        pick = torch.rand(x0.shape[0], generator=generator, device=x0.device) < d.train_from_start
+        start = torch.zeros_like(x0) if d.target == "residual" else cond[:, : x0.shape[1]]
+        x_in = torch.where(pick[:, None, None, None], start, x0)
+        t = torch.where(pick, torch.full_like(t, start_timestep(d)), t)
+    x_t = scheduler.add_noise(x_in, noise, t)
     output = net(torch.cat([x_t, cond], dim=1), t)
     target = training_target(scheduler, d.prediction_type, x0, noise, t)
     return torch.nn.functional.mse_loss(output.float(), target.float())
+
+
+def _chain(num_train_timesteps: int, steps: int, strength: float, spacing: str) -> tuple[int, list[int]]:
+    """``(n_total, timesteps)`` of a DDPM/DDIM chain of ``n_total`` steps whose last ``steps`` are sampled."""
+    if spacing not in ("leading", "trailing"):
+        raise ValueError(f"timestep spacing must be 'leading' or 'trailing', got {spacing!r}")
+    n_total = min(max(steps, round(steps / strength)), num_train_timesteps)
+    ratio = num_train_timesteps // n_total
+    if spacing == "trailing":
+        return n_total, [k * ratio - 1 for k in range(n_total, 0, -1)]
+    return n_total, [k * ratio for k in range(n_total - 1, -1, -1)]
+
+
+def start_timestep(d: DiffusionConfig) -> int:
+    """The timestep of the sampler's first network evaluation at the recipe's defaults (DDPM/DDIM)."""
+    return _chain(d.train_timesteps, d.steps, d.strength, d.timestep_spacing)[1][-d.steps]
 
 
 def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float,
@@ -109,15 +137,8 @@ def sampling_timesteps(scheduler: Scheduler, steps: int, strength: float,
     them at ``(n - 1) r, ..., r, 0`` (the last step at t = 0); ``"trailing"`` at ``n r - 1, ..., r - 1`` (each
     step at a noise level: one step at strength 0.5 is t = T / 2 - 1, not t = 0).
     """
-    if spacing not in ("leading", "trailing"):
-        raise ValueError(f"timestep spacing must be 'leading' or 'trailing', got {spacing!r}")
-    n_total = max(steps, round(steps / strength))
-    n_total = min(n_total, scheduler.num_train_timesteps)
+    n_total, chain = _chain(scheduler.num_train_timesteps, steps, strength, spacing)
     scheduler.set_timesteps(n_total, device=device)
     if not is_rflow(scheduler):
-        ratio = scheduler.num_train_timesteps // n_total
-        if spacing == "trailing":
-            scheduler.timesteps = (torch.arange(n_total, 0, -1, device=device) * ratio - 1).long()
-        else:
-            scheduler.timesteps = (torch.arange(n_total - 1, -1, -1, device=device) * ratio).long()
+        scheduler.timesteps = torch.tensor(chain, device=device, dtype=torch.long)
     return scheduler.timesteps[-steps:]

@@ -50,6 +50,8 @@ def test_bad_choice_named(tmp_path):
         ("task: {kind: sr, factor: 1}\n", "factor must be >= 2"),
         ("diffusion: {scheduler: rflow, timestep_spacing: trailing}\n", "trailing.*rflow"),
         ("diffusion: {timestep_spacing: linspace}\n", "timestep_spacing"),
+        ("diffusion: {train_from_start: 1.5}\n", r"train_from_start must be in \[0, 1\]"),
+        ("diffusion: {train_from_start: 0.5, prediction_type: epsilon}\n", "train_from_start needs"),
     ],
 )
 def test_impossible_combinations(tmp_path, text, message):

@@ -131,3 +131,37 @@ def test_sampler_calls_the_network_at_the_recipe_timesteps(spacing, expected):
     out = sample(Recording(net), recipe, op, y, generator=torch.Generator().manual_seed(0))
     assert seen == [[t] for t in expected] and out.network_evals == 2
     assert float((op.A(out.mean) - y).norm() / y.norm()) < 1e-3
+
+
+def test_start_timestep_is_the_samplers_first():
+    from medidiff.diffusion.process import start_timestep
+
+    for spacing, steps, first in (("trailing", 1, 499), ("trailing", 2, 499), ("leading", 2, 250), ("leading", 1, 0)):
+        d = DiffusionConfig(steps=steps, strength=0.5, timestep_spacing=spacing)
+        assert start_timestep(d) == first
+        sch = make_scheduler(d)
+        assert int(sampling_timesteps(sch, steps, 0.5, spacing=spacing)[0]) == first
+
+
+def test_training_from_the_samplers_start_hides_the_target_from_the_noisy_input():
+    """train_from_start = 1: every example is noised from a zero residual at the sampler's first timestep, so
+    the network's noisy input is the same whatever the target; 0: it carries the target."""
+    from medidiff.diffusion.process import diffusion_loss, start_timestep
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append((x[:, :1].clone(), t.clone()))
+            return x[:, :1]
+
+    cond = torch.rand(3, 1, 16, 16)
+    for share in (1.0, 0.0):
+        recipe = with_overrides(Recipe(), diffusion={"steps": 1, "timestep_spacing": "trailing",
+                                                     "train_from_start": share})
+        sch = make_scheduler(recipe.diffusion)
+        for x0 in (torch.zeros(3, 1, 16, 16), torch.ones(3, 1, 16, 16)):
+            diffusion_loss(Recording(), recipe, sch, cond, x0, torch.Generator().manual_seed(0))
+    (a, ta), (b, tb), (c, _), (d, _) = seen
+    assert torch.equal(a, b) and (ta == start_timestep(recipe.diffusion)).all() and torch.equal(ta, tb)
+    assert not torch.allclose(c, d)
