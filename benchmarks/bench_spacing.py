@@ -61,7 +61,7 @@ def main() -> None:
                 model = dataclasses.replace(loaded, recipe=recipe)
                 for n in steps:
                     gains, t0 = [], time.perf_counter()
-                    for c, b in zip(cases, base):
+                    for c, b in zip(cases, base, strict=True):
                         kw = dict(model=model, steps=n, samples=args.samples, self_check=False, adapt=False)
                         if task == "recon":
                             out = enhance_kspace(c.kspace, **kw)

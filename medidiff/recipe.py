@@ -251,7 +251,9 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
     if d.timestep_spacing not in ("leading", "trailing"):
         problems.append(f"diffusion.timestep_spacing must be leading or trailing, got {d.timestep_spacing!r}")
     elif d.timestep_spacing == "trailing" and d.scheduler == "rflow":
-        problems.append("diffusion.timestep_spacing 'trailing' applies to ddpm/ddim; rflow has its own schedule")
+        problems.append(
+            "diffusion.timestep_spacing 'trailing' applies to ddpm/ddim; rflow has its own schedule"
+        )
     if not 0 <= d.train_from_start <= 1:
         problems.append(f"diffusion.train_from_start must be in [0, 1], got {d.train_from_start}")
     elif d.train_from_start > 0 and (d.prediction_type != "sample" or d.scheduler == "rflow"):

@@ -294,7 +294,8 @@ def target_checks(task: str, summary: Sequence[dict], rows: Sequence[dict]) -> l
     for m in learned:
         nfe = next((r.get("network_evals") for r in summary if r["method"] == m), None)
         if nfe is not None and m.startswith("medidiff"):
-            lines.append(f"{'PASS' if nfe <= 10 else 'FAIL'} {m}: {nfe:.0f} network evaluations per sample "
+            word = "evaluation" if nfe == 1 else "evaluations"
+            lines.append(f"{'PASS' if nfe <= 10 else 'FAIL'} {m}: {nfe:.0f} network {word} per sample "
                          f"(target ≤ 10)")
     return lines
 

@@ -136,7 +136,8 @@ def test_sampler_calls_the_network_at_the_recipe_timesteps(spacing, expected):
 def test_start_timestep_is_the_samplers_first():
     from medidiff.diffusion.process import start_timestep
 
-    for spacing, steps, first in (("trailing", 1, 499), ("trailing", 2, 499), ("leading", 2, 250), ("leading", 1, 0)):
+    cases = (("trailing", 1, 499), ("trailing", 2, 499), ("leading", 2, 250), ("leading", 1, 0))
+    for spacing, steps, first in cases:
         d = DiffusionConfig(steps=steps, strength=0.5, timestep_spacing=spacing)
         assert start_timestep(d) == first
         sch = make_scheduler(d)
