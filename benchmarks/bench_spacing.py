@@ -19,17 +19,14 @@ import numpy as np
 from common import base_parser, load_model, machine, setup, table
 
 
-def _classical_psnr(task: str, case) -> float:
-    """PSNR of the best classical baseline of the case's task (zero-filled for reconstruction)."""
-    from medidiff.baselines.recon import zero_filled
-    from medidiff.evaluation.compare import _psnr, _sr_baseline, slice_interpolate
+def _classical_psnr(task: str, cases) -> list[float]:
+    """Per case, the PSNR of the better of the task's classical methods as ``medidiff evaluate`` runs them
+    (reconstruction: zero-filled only)."""
+    from medidiff.evaluation.compare import CLASSICAL, _psnr, build_methods
 
-    ref = case.reference.array
-    if task == "sr":
-        return max(_psnr(ref, _sr_baseline(k)(case)[0].array) for k in ("sinc", "bicubic"))
-    if task == "sr_thick":
-        return max(_psnr(ref, slice_interpolate(case.lr, case.sr_factor, o).array) for o in (1, 3))
-    return _psnr(ref, zero_filled(case.kspace).array)
+    names = ["zero-filled"] if task == "recon" else list(CLASSICAL[task])
+    methods = build_methods(task, cases, names)
+    return [max(_psnr(c.reference.array, m.run(c)[0].array) for m in methods) for c in cases]
 
 
 def main() -> None:
@@ -54,7 +51,7 @@ def main() -> None:
         rows = []
         for panel in ("heldout", "ood"):
             cases = panel_cases(task, panel)[: 4 if args.quick else None]
-            base = [_classical_psnr(task, c) for c in cases]
+            base = _classical_psnr(task, cases)
             for spacing in ("leading", "trailing"):
                 recipe = dataclasses.replace(
                     loaded.recipe, diffusion=dataclasses.replace(shipped, timestep_spacing=spacing))

@@ -248,9 +248,7 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
             f"diffusion.train_t_max ({d.train_t_max}) < strength ({d.strength}): sampling would start at "
             "noise levels the model never saw"
         )
-    if d.timestep_spacing not in ("leading", "trailing"):
-        problems.append(f"diffusion.timestep_spacing must be leading or trailing, got {d.timestep_spacing!r}")
-    elif d.timestep_spacing == "trailing" and d.scheduler == "rflow":
+    if d.timestep_spacing == "trailing" and d.scheduler == "rflow":
         problems.append(
             "diffusion.timestep_spacing 'trailing' applies to ddpm/ddim; rflow has its own schedule"
         )
