@@ -31,7 +31,7 @@ from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
 from medidiff.metrics import all_metrics
 from medidiff.models import build_model, load_model, save_checkpoint
-from medidiff.recipe import Recipe, recipe_from_dict, with_overrides
+from medidiff.recipe import Recipe, TrainConfig, recipe_from_dict, with_overrides
 from medidiff.tasks import task_operator
 from medidiff.tracking import Tracker, tracking_run
 
@@ -233,13 +233,24 @@ def _save(directory: Path, state: _State, recipe: Recipe, info: dict[str, Any],
     save_checkpoint(directory, state.ema.module, recipe, **extra)
 
 
+def learning_rate(tr: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    ``lr`` held (``lr_schedule: constant``) or cosine-decayed to zero at ``steps`` (``cosine``)."""
+    warm = max(1, tr.warmup_steps)
+    if step + 1 < warm or tr.lr_schedule == "constant":
+        return tr.lr * min(1.0, (step + 1) / warm)
+    span = max(1, tr.steps - warm)
+    done = min(1.0, max(0.0, (step + 1 - warm) / span))
+    return tr.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def _train_step(state: _State, model: torch.nn.Module, recipe: Recipe, scheduler: Scheduler,
                 sampler: PatchSampler | MixtureSampler, batch_size: int, dev: torch.device,
                 use_amp: bool) -> tuple[float, float]:
     """One optimiser step (warm-up learning rate, bf16 autocast, clipping, EMA); returns (loss, grad norm)."""
     tr = recipe.train
     for group in state.opt.param_groups:
-        group["lr"] = tr.lr * min(1.0, (state.step + 1) / max(1, tr.warmup_steps))
+        group["lr"] = learning_rate(tr, state.step)
     cond, x0 = sampler.batch(batch_size, state.data_gen)
     cond, x0 = cond.to(dev, non_blocking=True), x0.to(dev, non_blocking=True)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):

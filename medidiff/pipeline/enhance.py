@@ -346,14 +346,15 @@ def enhance_volume(
     self_check: bool | None = None,
     adapt: bool | None = None,
     adapt_seconds: float | None = None,
-    gate_margin_db: float = gate.MARGIN_DB,
+    gate_margin_db: float | None = None,
     precision: str = "auto",
     skip_background: bool = True,
     keep_candidate: bool = False,
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
-    ``self_check`` (default: the recipe's) runs the do-no-harm gate; ``adapt`` (default: the recipe's)
+    ``self_check`` (default: the recipe's) runs the do-no-harm gate, whose lower bound must clear
+    ``gate_margin_db`` (default: the task's, :func:`medidiff.pipeline.gate.margin_db`); ``adapt`` (default: the recipe's)
     fine-tunes a copy of the network on the scan first, for a fixed number of steps
     (:func:`medidiff.pipeline.adapt.auto_steps`) unless ``adapt_seconds`` (default: a safety stop,
     :func:`medidiff.pipeline.adapt.safety_seconds`) run out first.
@@ -376,13 +377,14 @@ def enhance_volume(
     stack_t = torch.from_numpy(np.ascontiguousarray(stack)) / scale
 
     check = recipe.enhance.self_check if self_check is None else self_check
+    margin = gate.margin_db(task) if gate_margin_db is None else gate_margin_db
     refs = _check_refs(task, stack, stack_t, scale, f, recipe.enhance.self_check_slices, phases=True)
     adapt_metrics: dict[str, float] = {}
     before = None
     if adapt if adapt is not None else recipe.enhance.adapt:
         # The adapted network has learnt the scan's own check scale, where it always looks good: it is used
         # only where the original network's cross-scale check also passes, and never with a larger weight.
-        before = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else None
+        before = _self_check(runner, op, task, refs, stack_t, margin, seed) if check else None
         seconds = adapt_seconds if adapt_seconds is not None else adaptation.safety_seconds(stack.size * f)
         factors = (1, f) if task == "sr_thick" else (f, f)
         pool = refs if task == "sr" else _check_refs(task, stack, stack_t, scale, f, len(stack))
@@ -390,11 +392,13 @@ def enhance_volume(
         runner = _Runner(loaded, steps, samples, seed, precision)
         adapt_metrics = report.metrics()
         if report.kept:  # the adapted network trained on the other pairs: the gate judges it on held-out ones
+            # of the same scan, with the margin of a check that is not at arm's length
+            margin = gate.MARGIN_DB if gate_margin_db is None else gate_margin_db
             refs = adaptation.held_out(pool)
             refs = refs[..., : refs.shape[-1] - refs.shape[-1] % f]
             if task == "sr":
                 refs = refs[..., : refs.shape[-2] - refs.shape[-2] % f, :]
-    decision = _self_check(runner, op, task, refs, stack_t, gate_margin_db, seed) if check else gate.off()
+    decision = _self_check(runner, op, task, refs, stack_t, margin, seed) if check else gate.off()
     if before is not None:
         decision = gate.combine(before, decision)
     weight = decision.weight
@@ -473,7 +477,7 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
                    progress: Progress | None = None, batch_slices: int | None = None,
                    self_check: bool | None = None, adapt: bool | None = None,
                    adapt_seconds: float | None = None,
-                   gate_margin_db: float = gate.MARGIN_DB, precision: str = "auto",
+                   gate_margin_db: float | None = None, precision: str = "auto",
                    skip_background: bool = True, keep_candidate: bool = False) -> EnhanceResult:
     """Reconstruct undersampled k-space (S, H, W) or (S, C, H, W) into a magnitude Volume (H, W, S).
 
@@ -514,7 +518,8 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         adapt_metrics = report.metrics()
     check = recipe.enhance.self_check if self_check is None else self_check
     decision = (
-        _recon_gate(runner, k / scale, mask, gate_margin_db, seed) if check and not multicoil else gate.off()
+        _recon_gate(runner, k / scale, mask, gate.margin_db("recon") if gate_margin_db is None else gate_margin_db,
+                    seed) if check and not multicoil else gate.off()
     )
     weight = decision.weight
     keep = check and not multicoil and keep_candidate

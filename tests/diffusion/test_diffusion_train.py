@@ -294,3 +294,31 @@ def test_resume_without_a_checkpoint_starts_from_init_weights(tmp_path):
     again = train(recipe, tmp_path / "bg", max_steps=3, tracking_uri=uri, resume=True, device="cpu",
                   show_progress=False, init_from=tmp_path / "src/model")
     assert again.step == 3 and again.run_id == first.run_id
+
+
+def test_learning_rate_schedules_known_values():
+    from medidiff.diffusion.train import learning_rate
+    from medidiff.recipe import TrainConfig
+
+    const = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
+    assert [learning_rate(const, s) for s in (0, 4, 9, 50, 99, 500)] == pytest.approx(
+        [1e-4, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    cos = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    assert learning_rate(cos, 4) == pytest.approx(5e-4)  # the same warm-up
+    assert learning_rate(cos, 9) == pytest.approx(1e-3)  # top at the end of warm-up
+    assert learning_rate(cos, 59) == pytest.approx(5e-4)  # half way down the cosine
+    assert learning_rate(cos, 109) == pytest.approx(0.0, abs=1e-12) and learning_rate(cos, 200) == 0.0
+    lrs = [learning_rate(cos, s) for s in range(9, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_a_cosine_schedule_reaches_the_optimiser(tmp_path):
+    from medidiff.recipe import with_overrides
+
+    recipe = with_overrides(load_recipe(SMOKE), train={"lr_schedule": "cosine", "warmup_steps": 1, "steps": 3})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = train(recipe, tmp_path / "run", max_steps=3, tracking_uri=uri, device="cpu", show_progress=False)
+    lrs = [v for _, v in metric_history(res.run_id, "train/lr", uri)]
+    assert lrs and lrs[-1] < recipe.train.lr
+    with pytest.raises(ValueError, match="lr_schedule"):
+        with_overrides(recipe, train={"lr_schedule": "step"})

@@ -2,6 +2,7 @@
 (time box, never touching the shipped weights)."""
 
 import hashlib
+import math
 import time
 from pathlib import Path
 
@@ -206,3 +207,39 @@ def test_a_thin_slab_check_uses_every_grid_placement(monkeypatch):
     res = enhance_volume(vol, task="sr_thick", adapt=False)
     assert res.enhanced.array.shape == (1, 64, 64)
     assert seen == [(4, 16, 60)]  # the image transposed (thick axis first), 4 placements of 60 thin pixels
+
+
+def test_the_margin_follows_the_kind_of_check():
+    """The through-plane check is at the scan's own scale (pessimistic): a lower bound above zero enhances.
+    In-plane SR and reconstruction check one step away from the scan (optimistic out of domain): the
+    lower bound must clear ``MARGIN_DB``. A residual that is 1.7 % of the truth gains 0.15 dB on every fold."""
+    assert gate.margin_db("sr_thick") == gate.MARGIN_SAME_SCALE_DB == 0.0
+    assert gate.margin_db("sr") == gate.margin_db("recon") == gate.MARGIN_DB > 0.1
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(2, 64, 64, generator=g)
+    a = 1 - 10 ** (-0.15 / 20)
+    _, pred, lower, _ = gate.cross_fit(a * e, e)
+    assert pred == pytest.approx(0.15, abs=1e-6) and lower == pytest.approx(0.15, abs=1e-6)
+    assert gate.decide(a * e, e, margin_db=gate.margin_db("sr_thick")).enhanced
+    declined = gate.decide(a * e, e, margin_db=gate.margin_db("sr"))
+    assert not declined.enhanced and "<= 0.30 dB" in declined.reason
+
+
+@pytest.mark.parametrize("task", ["sr", "sr_thick"])
+def test_enhance_uses_the_tasks_margin_unless_told(monkeypatch, task):
+    import medidiff.pipeline.enhance as enh
+
+    seen = []
+    real = gate.decide
+
+    def spy(r, e, snr=math.nan, margin_db=gate.MARGIN_DB, seed=0):
+        seen.append(margin_db)
+        return real(r, e, snr, margin_db, seed)
+
+    monkeypatch.setattr(enh.gate, "decide", spy)
+    rng = np.random.default_rng(0)
+    shape, zooms = ((32, 32, 3), [1.0, 1.0, 1.0]) if task == "sr" else ((32, 32, 8), [1.0, 1.0, 4.0])
+    vol = Volume(rng.random(shape).astype(np.float32) + 1.0, np.diag([*zooms, 1.0]))
+    enhance_volume(vol, task=task, adapt=False)
+    enhance_volume(vol, task=task, adapt=False, gate_margin_db=1.5)
+    assert seen == [gate.margin_db(task), 1.5]
