@@ -74,7 +74,11 @@ def part_slice(args) -> None:
 
     # fp32 / bf16: what `enhance --precision` runs (channels-last, fused attention); "bf16 eager": the
     # network as loaded, bf16 autocast only (the layout before); ONNX Runtime fp32 when installed
-    variants = ["fp32", "bf16", "bf16 eager"]
+    # Without native bf16 (emulated, slower than fp32) the bf16 rows are left out and "auto" (ONNX Runtime
+    # fp32 there) is timed instead.
+    from medidiff.models.runtime import cpu_has_native_bf16, uses_onnxruntime
+
+    variants = ["fp32", "bf16", "bf16 eager"] if cpu_has_native_bf16() else ["fp32", "auto"]
     if "onnx" in args.variants and _has_onnxruntime():
         variants.append("onnxruntime")
     rows = []
@@ -108,6 +112,8 @@ def part_slice(args) -> None:
                     continue
                 per_slice = sec[p] / (n_vol if p.endswith("-slice scan") else 1)
                 scan = f"{n_vol} slices" if p.endswith("-slice scan") else "1 slice"
+                if p.startswith("auto") and uses_onnxruntime("auto", "cpu"):
+                    p = p.replace("auto", "auto (ONNX Runtime)", 1)
                 label = task + (" (--no-adapt)" if plain else "")
                 label += " (--steps 1)" if "--steps 1" in p else ""
                 rows.append([label, f"{size}²", scan, p.split(",")[0].replace(" --steps 1", ""),

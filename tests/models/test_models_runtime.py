@@ -140,3 +140,43 @@ def test_prepared_network_is_cached_until_the_weights_change():
     with torch.no_grad():
         assert not torch.allclose(again(x, t), before)
         assert float((again(x, t) - mine(x, t)).abs().max()) < FUSED_MAX_ABS
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_auto_takes_onnxruntime_only_on_a_cpu_without_native_bf16(monkeypatch, native_bf16):
+    """``auto``: bf16 in torch where the CPU has it natively, else ONNX Runtime fp32 (where installed).
+    ``fp32`` by name stays in torch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    net = default_model("sr_thick").net
+    auto = runtime.cached_prepared_network(net, "auto", "cpu")
+    if native_bf16:
+        assert isinstance(auto, PreparedNetwork) and auto.precision == "bf16"
+    else:
+        assert isinstance(auto, runtime.OnnxRuntimeNetwork) and auto.precision == "fp32"
+        assert runtime.cached_prepared_network(net, "auto", "cpu") is auto  # exported once per network
+    named = runtime.cached_prepared_network(net, "fp32", "cpu")
+    assert isinstance(named, PreparedNetwork) and named.precision == "fp32"
+
+
+def test_enhance_through_onnxruntime_matches_torch_fp32(monkeypatch):
+    """The same scan enhanced with the network in ONNX Runtime and in torch fp32: the same image up to
+    fp32 rounding (and the gate takes the same decision)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    from medidiff.io import Volume
+    from medidiff.pipeline.enhance import enhance_volume
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    img = (((yy - 24) ** 2 + (xx - 20) ** 2) < 200).astype(np.float32) * 100 + 20
+    vol = Volume(np.stack([img + rng.normal(0, 2, img.shape).astype(np.float32) for _ in range(3)], -1),
+                 np.eye(4))
+    ort = enhance_volume(vol, task="sr", precision="auto", self_check=False)
+    ref = enhance_volume(vol, task="sr", precision="fp32", self_check=False)
+    err = np.abs(ort.enhanced.array - ref.enhanced.array)
+    assert float(err.max()) < 1e-4 * float(np.abs(ref.enhanced.array).max())
