@@ -228,7 +228,9 @@ def gate_summary(points: Mapping[str, Sequence[tuple[float, float, bool]]]) -> l
         r = float(np.corrcoef(p, a)[0, 1]) if len(pts) > 2 and p.std() > 0 and a.std() > 0 else float("nan")
         bad = int((acc & (a < HARM_DB)).sum())
         missed = int((~acc & (a > 0.3)).sum())
-        lines.append(f"{m}: {len(pts)} cases, r(predicted, actual) = {r:+.2f}; enhanced {int(acc.sum())} "
+        below = int((p <= a).sum())
+        lines.append(f"{m}: {len(pts)} cases, r(predicted, actual) = {r:+.2f}, predicted ≤ actual in {below} "
+                     f"(the check is pessimistic there); enhanced {int(acc.sum())} "
                      f"(of which the candidate lost > {-HARM_DB} dB: {bad}); declined {int((~acc).sum())} "
                      f"(of which the candidate would have gained > 0.3 dB: {missed})")
     return lines

@@ -113,3 +113,14 @@ def test_cs_tuning_set_mirrors_the_evaluation_mask() -> None:
     full = np.broadcast_to(data.mask, (70, 72))
     assert full.size / full.sum() == pytest.approx(4.0, rel=0.1)
     np.testing.assert_allclose(ref, pool[0].array[..., 4:7])  # the central slices
+
+
+def test_gate_summary_counts_known_points():
+    from medidiff.evaluation.report import gate_summary
+
+    pts = {"medidiff-1": [(0.2, 0.5, True), (0.4, 0.3, True), (0.1, 0.6, False), (0.0, -0.3, True)]}
+    (line,) = gate_summary(pts)
+    assert line.startswith("medidiff-1: 4 cases")
+    assert "predicted ≤ actual in 2 " in line  # (0.2, 0.5) and (0.1, 0.6)
+    assert "enhanced 3 (of which the candidate lost > 0.1 dB: 1)" in line
+    assert "declined 1 (of which the candidate would have gained > 0.3 dB: 1)" in line
