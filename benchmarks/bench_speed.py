@@ -69,14 +69,18 @@ def part_slice(args) -> None:
     """Per-slice enhance time (fp32, bf16) over CS time on the same slice, SR ×2 and recon ×4."""
     from medidiff.baselines.recon import compressed_sensing
     from medidiff.models import default_model
-    from medidiff.models.runtime import OnnxRuntimeNetwork, prepare_network
+    from medidiff.models.runtime import (
+        OnnxRuntimeNetwork,
+        cpu_has_native_bf16,
+        prepare_network,
+        uses_onnxruntime,
+    )
     from medidiff.pipeline.enhance import enhance_kspace
 
     # fp32 / bf16: what `enhance --precision` runs (channels-last, fused attention); "bf16 eager": the
-    # network as loaded, bf16 autocast only (the layout before); ONNX Runtime fp32 when installed
+    # network as loaded, bf16 autocast only (the layout before); ONNX Runtime fp32 when installed.
     # Without native bf16 (emulated, slower than fp32) the bf16 rows are left out and "auto" (ONNX Runtime
     # fp32 there) is timed instead.
-    from medidiff.models.runtime import cpu_has_native_bf16, uses_onnxruntime
 
     variants = ["fp32", "bf16", "bf16 eager"] if cpu_has_native_bf16() else ["fp32", "auto"]
     if "onnx" in args.variants and _has_onnxruntime():

@@ -90,7 +90,8 @@ class TrainConfig:
     batch_size: int = 16
     batch_size_gpu: int = 64
     lr: float = 3e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: hold lr, or cosine-decay to 0 at `steps`
+    # after warm-up: hold lr, or cosine-decay it to 0 at `steps`
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     ema_decay: float = 0.995

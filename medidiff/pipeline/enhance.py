@@ -354,8 +354,8 @@ def enhance_volume(
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
     ``self_check`` (default: the recipe's) runs the do-no-harm gate, whose lower bound must clear
-    ``gate_margin_db`` (default: the task's, :func:`medidiff.pipeline.gate.margin_db`); ``adapt`` (default: the recipe's)
-    fine-tunes a copy of the network on the scan first, for a fixed number of steps
+    ``gate_margin_db`` (default: the task's, :func:`medidiff.pipeline.gate.margin_db`); ``adapt``
+    (default: the recipe's) fine-tunes a copy of the network on the scan first, for a fixed number of steps
     (:func:`medidiff.pipeline.adapt.auto_steps`) unless ``adapt_seconds`` (default: a safety stop,
     :func:`medidiff.pipeline.adapt.safety_seconds`) run out first.
     ``skip_background``: slices of air only (:func:`medidiff.physics.foreground.foreground_mask` of the
@@ -517,9 +517,9 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
         runner = _Runner(loaded, steps, samples, seed, precision)
         adapt_metrics = report.metrics()
     check = recipe.enhance.self_check if self_check is None else self_check
+    margin = gate.margin_db("recon") if gate_margin_db is None else gate_margin_db
     decision = (
-        _recon_gate(runner, k / scale, mask, gate.margin_db("recon") if gate_margin_db is None else gate_margin_db,
-                    seed) if check and not multicoil else gate.off()
+        _recon_gate(runner, k / scale, mask, margin, seed) if check and not multicoil else gate.off()
     )
     weight = decision.weight
     keep = check and not multicoil and keep_candidate

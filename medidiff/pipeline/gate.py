@@ -158,7 +158,7 @@ def edge_snr(images: np.ndarray, axes: tuple[int, ...]) -> float:
 
 
 def margin_db(task: str) -> float:
-    """The lower bound a scan's self-check must clear to be enhanced, for ``task`` (see the module docstring)."""
+    """The lower bound a scan's self-check must clear to be enhanced, for ``task`` (module docstring)."""
     return MARGIN_SAME_SCALE_DB if task == "sr_thick" else MARGIN_DB
 
 

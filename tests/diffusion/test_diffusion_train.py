@@ -309,13 +309,14 @@ def test_learning_rate_schedules_known_values():
     assert learning_rate(cos, 59) == pytest.approx(5e-4)  # half way down the cosine
     assert learning_rate(cos, 109) == pytest.approx(0.0, abs=1e-12) and learning_rate(cos, 200) == 0.0
     lrs = [learning_rate(cos, s) for s in range(9, 110)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_a_cosine_schedule_reaches_the_optimiser(tmp_path):
     from medidiff.recipe import with_overrides
 
-    recipe = with_overrides(load_recipe(SMOKE), train={"lr_schedule": "cosine", "warmup_steps": 1, "steps": 3})
+    recipe = with_overrides(load_recipe(SMOKE),
+                            train={"lr_schedule": "cosine", "warmup_steps": 1, "steps": 3})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = train(recipe, tmp_path / "run", max_steps=3, tracking_uri=uri, device="cpu", show_progress=False)
     lrs = [v for _, v in metric_history(res.run_id, "train/lr", uri)]

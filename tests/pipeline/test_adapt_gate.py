@@ -212,7 +212,8 @@ def test_a_thin_slab_check_uses_every_grid_placement(monkeypatch):
 def test_the_margin_follows_the_kind_of_check():
     """The through-plane check is at the scan's own scale (pessimistic): a lower bound above zero enhances.
     In-plane SR and reconstruction check one step away from the scan (optimistic out of domain): the
-    lower bound must clear ``MARGIN_DB``. A residual that is 1.7 % of the truth gains 0.15 dB on every fold."""
+    lower bound must clear ``MARGIN_DB``. A residual that is 1.7 % of the truth gains 0.15 dB on every
+    fold."""
     assert gate.margin_db("sr_thick") == gate.MARGIN_SAME_SCALE_DB == 0.0
     assert gate.margin_db("sr") == gate.margin_db("recon") == gate.MARGIN_DB > 0.1
     g = torch.Generator().manual_seed(0)
