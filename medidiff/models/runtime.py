@@ -191,9 +191,14 @@ def cached_prepared_network(net: torch.nn.Module, precision: str = "auto",
     hit = per_net.get(key)
     if hit is not None and hit[0] == sig:
         return hit[1]
+    prepared = None
     if ort:
-        prepared = OnnxRuntimeNetwork(net)
-    else:
+        try:
+            prepared = OnnxRuntimeNetwork(net)
+        except Exception as exc:  # an exporter or runtime that cannot take this network: torch runs it
+            warnings.warn(f"ONNX Runtime could not run the network ({type(exc).__name__}: {exc}); "
+                          "running it in torch fp32", RuntimeWarning, stacklevel=2)
+    if prepared is None:
         prepared = prepare_network(net, resolved, device=device, channels_last=True, flash_attention=True)
     per_net[key] = (sig, prepared)
     return prepared

@@ -180,3 +180,18 @@ def test_enhance_through_onnxruntime_matches_torch_fp32(monkeypatch):
     ref = enhance_volume(vol, task="sr", precision="fp32", self_check=False)
     err = np.abs(ort.enhanced.array - ref.enhanced.array)
     assert float(err.max()) < 1e-4 * float(np.abs(ref.enhanced.array).max())
+
+
+def test_a_network_onnx_cannot_take_falls_back_to_torch(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+
+    def refuse(self, net, threads=None):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(runtime.OnnxRuntimeNetwork, "__init__", refuse)
+    net = default_model("sr_thick").net
+    runtime._PREPARED.pop(net, None)
+    with pytest.warns(RuntimeWarning, match="unsupported operator"):
+        prepared = runtime.cached_prepared_network(net, "auto", "cpu")
+    assert isinstance(prepared, PreparedNetwork) and prepared.precision == "fp32"
