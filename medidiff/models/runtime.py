@@ -165,9 +165,9 @@ def onnxruntime_available() -> bool:
 
 def uses_onnxruntime(precision: str, device: str | torch.device) -> bool:
     """``auto`` on a CPU without native bf16 runs the network in ONNX Runtime (fp32) where it is installed:
-    1.5x the speed of torch's channels-last fp32 and 2.3x eager on the 2-core AVX2 machine of the README's
-    speed section (benchmarks/bench_speed.py), outputs within 1e-5 of eager fp32. ``fp32`` asked for by
-    name stays in torch, the reference."""
+    on the 2-core AVX2 machine of the README's speed section, 1.3x torch fp32 per 256² SR slice end to end
+    and no gain at 512² (benchmarks/bench_speed.py), outputs within 1e-5 of torch fp32. ``fp32`` asked for
+    by name stays in torch, the reference."""
     return (precision == "auto" and torch.device(device).type == "cpu" and not cpu_has_native_bf16()
             and onnxruntime_available())
 
@@ -213,7 +213,6 @@ class OnnxRuntimeNetwork(torch.nn.Module):
     """
 
     precision = "fp32"
-    runtime = "onnxruntime"
 
     def __init__(self, net: torch.nn.Module, threads: int | None = None) -> None:
         super().__init__()
