@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from medidiff.tasks import TaskConfig
 
+SELF_ENSEMBLES = (1, 2, 4)
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the key and the problem."""
@@ -116,6 +118,9 @@ class EnhanceConfig:
     self_check: bool = True  # per-scan do-no-harm check that sets how much of the model's residual to keep
     self_check_slices: int = 6
     adapt: bool = False  # per-scan self-supervised fine-tuning by default (medidiff.pipeline.adapt)
+    # geometric self-ensemble (through-plane SR only): 1 = off, 2 = also the image flipped along the thick
+    # axis, 4 = flipped along either axis and both; outputs flipped back and averaged (x this many NFE)
+    self_ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,15 @@ def validate(recipe: Recipe, src: str = "recipe") -> Recipe:
         problems.append("train.val_every, train.ckpt_every and train.log_every must be >= 1")
     if en.samples < 1 or en.batch_slices < 1:
         problems.append("enhance.samples and enhance.batch_slices must be >= 1")
+    if en.self_ensemble not in SELF_ENSEMBLES:
+        problems.append(
+            f"enhance.self_ensemble must be one of {list(SELF_ENSEMBLES)}, got {en.self_ensemble}"
+        )
+    elif en.self_ensemble > 1 and t.kind != "sr_thick":
+        problems.append(
+            "enhance.self_ensemble > 1 is for through-plane SR (sr_thick), whose operator commutes with "
+            f"flips; task {t.kind!r} takes 1"
+        )
     if problems:
         raise RecipeError(f"{src}: " + "; ".join(problems))
     return recipe

@@ -100,8 +100,15 @@ def slices_per_batch(requested: int | None, default: int, slice_pixels: int) -> 
 class _Runner:
     """Samples batches of slices (B, h, w) of measurements with one model, generator and settings."""
 
-    def __init__(self, loaded, steps: int | None, samples: int, seed: int, precision: str = "auto") -> None:
+    def __init__(self, loaded, steps: int | None, samples: int, seed: int, precision: str = "auto",
+                 self_ensemble: int | None = None) -> None:
         self.loaded, self.recipe = loaded, loaded.recipe
+        size = self.recipe.enhance.self_ensemble if self_ensemble is None else int(self_ensemble)
+        if size > 1 and self.recipe.task.kind != "sr_thick":
+            raise ValueError(
+                f"self-ensemble {size} is for through-plane SR (sr_thick), not {self.recipe.task.kind}"
+            )
+        self.flips = ensemble_flips(size)
         self.device = next(loaded.net.parameters()).device
         # bf16 autocast where the hardware has it natively (fp32 out: data consistency stays fp32),
         # channels-last, fused attention; prepared once per network and reused across scans
@@ -126,8 +133,44 @@ class _Runner:
         elif n:
             base = op.pinv(y)
             ctx = torch.cat([to_channels(base, self.recipe.complex_images)] * (2 * n), dim=1)
-        return sample(self.net, self.recipe, op, y, context=ctx, steps=self.steps,
-                      samples=samples or self.samples, generator=self.generator)
+        k = samples or self.samples
+        variants = self.flips
+        if len(variants) == 1:
+            return sample(self.net, self.recipe, op, y, context=ctx, steps=self.steps, samples=k,
+                          generator=self.generator)
+        # geometric self-ensemble: the operator commutes with these flips (checked by the recipe's task), so
+        # each flipped copy is a measurement of the flipped image; flipped back, the data-consistent outputs
+        # average to a data-consistent image
+        means, variances, evals = [], [], 0
+        for dims in variants:
+            fy = y.flip(dims) if dims else y
+            fctx = None if ctx is None else (ctx.flip(dims) if dims else ctx)
+            res = sample(self.net, self.recipe, op, fy, context=fctx, steps=self.steps, samples=k,
+                         generator=self.generator)
+            means.append(res.mean.flip(dims) if dims else res.mean)
+            if res.std is not None:
+                variances.append((res.std.flip(dims) if dims else res.std) ** 2)
+            evals += res.network_evals
+        stacked = torch.stack(means)
+        mean = stacked.mean(dim=0)
+        std = None
+        if variances:  # law of total variance over the flipped copies' samples
+            std = (torch.stack(variances).mean(dim=0) + stacked.abs().var(dim=0, unbiased=False)).sqrt()
+        return SampleOutput(mean=mean, std=std, dc_residual=y - op.A(mean), network_evals=evals)
+
+    @property
+    def network_evals(self) -> int:
+        """Network evaluations per output sample: steps x the self-ensemble's flipped copies."""
+        return int(self.steps) * len(self.flips)
+
+
+def ensemble_flips(size: int) -> list[tuple[int, ...]]:
+    """The flips of a geometric self-ensemble of ``size`` copies, as dims of (B, h, w) images whose last axis
+    is the thick one: 1 none; 2 also the thick axis; 4 also the in-plane axis and both."""
+    flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)]
+    if size not in (1, 2, 4):
+        raise ValueError(f"self-ensemble size must be 1, 2 or 4, got {size}")
+    return flips[:size]
 
 
 def classical(task: str, op: Operator, y: torch.Tensor) -> torch.Tensor:
@@ -350,6 +393,7 @@ def enhance_volume(
     precision: str = "auto",
     skip_background: bool = True,
     keep_candidate: bool = False,
+    self_ensemble: int | None = None,
 ) -> EnhanceResult:
     """Super-resolve a volume: ``sr`` (in-plane, slices along axis 2) or ``sr_thick`` (along its slice axis).
 
@@ -361,14 +405,16 @@ def enhance_volume(
     ``skip_background``: slices of air only (:func:`medidiff.physics.foreground.foreground_mask` of the
     input) are not sent through the network; they come back as the classical image. ``keep_candidate``:
     also return what the gate weighed (``EnhanceResult.candidate``, for evaluation), which costs the network
-    evaluation even where the gate returns the classical image.
+    evaluation even where the gate returns the classical image. ``self_ensemble`` (default: the recipe's;
+    through-plane SR only): 1, 2 or 4 flipped copies of each image enhanced, flipped back and averaged, for
+    the output and the self-check alike.
     """
     t0 = time.perf_counter()
     loaded = _checked_model(model, task, factor)
     recipe = loaded.recipe
     f = recipe.task.factor
     op = task_operator(recipe.task)
-    runner = _Runner(loaded, steps, samples, seed, precision)
+    runner = _Runner(loaded, steps, samples, seed, precision, self_ensemble)
     st = slice_stack(vol, task, f)
     stack = st.stack
     out_pixels = stack.shape[1] * stack.shape[2] * (f * f if task == "sr" else f)  # one output image
@@ -389,7 +435,7 @@ def enhance_volume(
         factors = (1, f) if task == "sr_thick" else (f, f)
         pool = refs if task == "sr" else _check_refs(task, stack, stack_t, scale, f, len(stack))
         loaded, report = adaptation.adapt_images(loaded, op, pool, factors, seconds, seed)
-        runner = _Runner(loaded, steps, samples, seed, precision)
+        runner = _Runner(loaded, steps, samples, seed, precision, self_ensemble)
         adapt_metrics = report.metrics()
         if report.kept:  # the adapted network trained on the other pairs: the gate judges it on held-out ones
             # of the same scan, with the margin of a check that is not at arm's length
@@ -413,7 +459,7 @@ def enhance_volume(
     metrics = {
         "dc_residual_rel": out.dc_residual_rel(),
         "mean_uncertainty": float(out.uncertainty.mean()) if out.uncertainty is not None else 0.0,
-        "network_evals": float(runner.steps),
+        "network_evals": float(runner.network_evals),
         "samples": float(samples),
         "residual_weight": float(weight),
         "self_check_gain_db": decision.predicted_gain_db,
@@ -572,7 +618,7 @@ def enhance_kspace(data, *, model=None, steps: int | None = None, samples: int =
     metrics = {
         "dc_residual_rel": float(np.sqrt(dc_num / dc_den)) if dc_den > 0 else 0.0,
         "mean_uncertainty": float(uncertainty.mean()) if uncertainty is not None else 0.0,
-        "network_evals": float(runner.steps),
+        "network_evals": float(runner.network_evals),
         "samples": float(samples),
         "acceleration": float(mask.size / max(mask.sum(), 1.0)),
         "slices_skipped_as_air": float((~signal).sum()),

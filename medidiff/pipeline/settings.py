@@ -30,6 +30,7 @@ class EnhanceSettings:
     adapt_seconds: float | None = None  # its safety time box (None: scaled by the scan size)
     gate: bool = True  # the do-no-harm gate (medidiff.pipeline.gate)
     precision: str = "auto"  # network arithmetic: auto (bf16 where native) | fp32 | bf16
+    self_ensemble: int | None = None  # through-plane SR: flipped copies averaged (None: the model's default)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -42,6 +43,8 @@ class EnhanceSettings:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.self_ensemble is not None and self.self_ensemble not in (1, 2, 4):
+            raise ValueError(f"self_ensemble must be 1, 2 or 4, got {self.self_ensemble}")
         if self.adapt_seconds is not None and self.adapt_seconds <= 0:
             raise ValueError(f"adapt_seconds must be > 0, got {self.adapt_seconds}")
 
@@ -54,7 +57,8 @@ class EnhanceSettings:
         """The settings that change outputs (the decode timeout does not)."""
         params = asdict(self)
         params.pop("decode_timeout_s")
-        defaults = {"adapt": None, "adapt_seconds": None, "gate": True, "precision": "auto"}
+        defaults = {"adapt": None, "adapt_seconds": None, "gate": True, "precision": "auto",
+                    "self_ensemble": None}
         for key, value in defaults.items():  # at their defaults they leave earlier fingerprints unchanged
             if params[key] == value:
                 params.pop(key)

@@ -142,6 +142,7 @@ def process_scan(
                 samples=settings.samples,
                 seed=seed,
                 progress=progress,
+                self_ensemble=settings.self_ensemble if task == "sr_thick" else None,
                 **settings.enhance_options(),
             )
             source_volume = data if data.meta.get("dicom_header") is not None else None

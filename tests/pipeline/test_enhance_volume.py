@@ -120,3 +120,54 @@ def test_slice_batches_are_capped_by_area_unless_asked():
     assert slices_per_batch(None, 8, 2048 * 2048) == 1
     assert slices_per_batch(5, 8, 2048 * 2048) == 5
     assert slices_per_batch(None, 8, 512 * 512) * 512 * 512 <= MAX_BATCH_PIXELS
+
+
+def test_through_plane_self_ensemble_averages_flipped_copies(mni, models):
+    """The self-ensemble is the mean of the flipped copies' outputs, flipped back, each drawn with the
+    runner's generator in turn; it keeps the data (the operator commutes with the flips) and counts its
+    network evaluations."""
+    import torch
+
+    from medidiff.pipeline.enhance import _Runner, ensemble_flips, slice_stack
+    from medidiff.tasks import measurement_scale, task_operator
+
+    loaded = models["sr_thick"]
+    x = _crop(mni, (slice(60, 63), slice(70, 134), slice(60, 100)))
+    lr, _ = simulate_sr(x, 4, axis="through", seed=0)
+    stack = slice_stack(lr, "sr_thick", 4).stack
+    y = torch.from_numpy(np.ascontiguousarray(stack)) / measurement_scale("sr_thick", stack)
+    op = task_operator(loaded.recipe.task)
+    single = _Runner(loaded, None, 1, seed=7, precision="fp32", self_ensemble=1)
+    outs = [single.run(op, y.flip(d) if d else y).mean for d in ensemble_flips(4)]
+    back = [o.flip(d) if d else o for o, d in zip(outs, ensemble_flips(4), strict=True)]
+    expected = torch.stack(back).mean(dim=0)
+    ens = _Runner(loaded, None, 1, seed=7, precision="fp32", self_ensemble=4)
+    got = ens.run(op, y)
+    torch.testing.assert_close(got.mean, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got.mean, outs[0], atol=1e-4)  # the copies differ: the average is not a copy
+    assert float((op.A(got.mean) - y).norm() / y.norm()) < 1e-4  # data-consistent
+    assert got.network_evals == 4 * single.steps == ens.network_evals
+
+    res = enhance_volume(lr, task="sr_thick", model=loaded, seed=0, self_ensemble=2, self_check=False)
+    assert res.metrics["network_evals"] == 2 * loaded.recipe.diffusion.steps
+    again, _ = simulate_sr(res.enhanced, 4, axis="through", seed=0)
+    assert np.linalg.norm(again.array - lr.array) / np.linalg.norm(lr.array) < 1e-3
+    with pytest.raises(ValueError, match="self-ensemble 4 is for through-plane SR"):
+        enhance_volume(lr, task="sr", model=models["sr"], self_ensemble=4)
+
+
+def test_self_ensemble_recipe_and_settings_checks():
+    from medidiff.pipeline.settings import EnhanceSettings
+    from medidiff.recipe import RecipeError, validate
+
+    thick = with_overrides(load_recipe(SMOKE), task=TASKS["sr_thick"], enhance={"self_ensemble": 4})
+    assert validate(thick).enhance.self_ensemble == 4
+    with pytest.raises(RecipeError, match="enhance.self_ensemble must be one of"):
+        validate(with_overrides(thick, enhance={"self_ensemble": 3}))
+    with pytest.raises(RecipeError, match="is for through-plane SR"):
+        validate(with_overrides(load_recipe(SMOKE), task=TASKS["sr"], enhance={"self_ensemble": 2}))
+    with pytest.raises(ValueError, match="self_ensemble must be 1, 2 or 4"):
+        EnhanceSettings(self_ensemble=3)
+    # at its default it leaves the scan fingerprints of earlier batches unchanged
+    assert "self_ensemble" not in EnhanceSettings().fingerprint_params()
+    assert EnhanceSettings(self_ensemble=1).fingerprint_params()["self_ensemble"] == 1
