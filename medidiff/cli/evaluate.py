@@ -76,6 +76,11 @@ def evaluate(
         help="medidiff sampling step counts to compare, e.g. 1,2,4 (a quality-vs-NFE curve). Default: the "
         "model's own step count.",
     ),
+    self_ensemble: str | None = typer.Option(
+        None, "--self-ensemble",
+        help="Through-plane SR: self-ensemble sizes to compare, e.g. 1,2,4 (flipped copies averaged; each "
+        "costs that many network evaluations). Default: the model's own.",
+    ),
     model: str | None = typer.Option(
         None, "--model", help="medidiff model folder or name (default: the shipped model for the task)."
     ),
@@ -126,7 +131,16 @@ def evaluate(
         step_list = [int(s) for s in _split(steps)] if steps else [_model_steps(task, model)]
     except ValueError:
         raise typer.BadParameter(f"--steps must be integers like 4,10, got {steps!r}") from None
-    options = {"steps": step_list, "model": model, "dc_variant": dc_variant, "unet_dir": unet,
+    try:
+        ensembles = [int(s) for s in _split(self_ensemble)] if self_ensemble else None
+    except ValueError:
+        raise typer.BadParameter(
+            f"--self-ensemble must be integers like 1,2,4, got {self_ensemble!r}"
+        ) from None
+    if ensembles and (task != "sr_thick" or any(e not in (1, 2, 4) for e in ensembles)):
+        raise typer.BadParameter("--self-ensemble takes sizes 1, 2 or 4, for --task sr_thick only")
+    options = {"steps": step_list, "self_ensembles": ensembles, "model": model, "dc_variant": dc_variant,
+               "unet_dir": unet,
                "cs_lambda": cs_lambda, "cs_iters": cs_iters, "device": device, "adapt_variant": adapt_variant,
                "adapt_seconds": adapt_seconds}
     cases, method_objs, notes = _prepare(err, data, task, max_scans, _split(methods) or None, seed, options,

@@ -464,12 +464,18 @@ def _without_dc(func: Callable, model: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool, seed: int,
-                     adapt: bool = False, adapt_seconds: float | None = None) -> Method:
+                     adapt: bool = False, adapt_seconds: float | None = None,
+                     self_ensemble: int | None = None) -> Method:
     """medidiff (``func``: ``enhance_volume`` for sr / sr_thick, ``enhance_kspace`` for recon) at ``steps``
-    steps, with or without DC, with or without per-scan adaptation. Besides the image, it reports the gate's
-    numbers and ``actual_gain_db``: the PSNR gain over the operator's back-projection of the candidate the
-    gate weighed (what enhancing would have given)."""
+    steps, with or without DC, with or without per-scan adaptation, with the model's self-ensemble or
+    ``self_ensemble`` flipped copies (through-plane SR; the name then ends in ``-se<N>``). Besides the
+    image, it reports the gate's numbers and ``actual_gain_db``: the PSNR gain over the operator's
+    back-projection of the candidate the gate weighed (what enhancing would have given)."""
     extra: dict[str, Any] = {"keep_candidate": True}
+    if self_ensemble is not None:
+        if task != "sr_thick":
+            raise EvaluationError(f"a self-ensemble is for through-plane SR (sr_thick), not {task!r}")
+        extra["self_ensemble"] = int(self_ensemble)
     if not dc:
         model, dc_extra = _without_dc(func, model)
         extra.update(dc_extra)
@@ -495,8 +501,12 @@ def _medidiff_method(func: Callable, task: str, model: Any, steps: int, dc: bool
             numbers["actual_gain_db"] = float(gain)
         return res.enhanced, numbers
 
-    name = f"medidiff-{steps}" + ("" if dc else "-nodc") + ("-adapt" if adapt else "")
-    return Method(name, run, family="medidiff", params={"steps": steps, "dc": dc, "adapt": adapt})
+    name = (f"medidiff-{steps}" + ("" if self_ensemble is None else f"-se{self_ensemble}")
+            + ("" if dc else "-nodc") + ("-adapt" if adapt else ""))
+    params: dict[str, Any] = {"steps": steps, "dc": dc, "adapt": adapt}
+    if self_ensemble is not None:
+        params["self_ensemble"] = int(self_ensemble)
+    return Method(name, run, family="medidiff", params=params)
 
 
 def _psnr(ref: np.ndarray, img: np.ndarray) -> float:
@@ -510,6 +520,7 @@ def build_methods(
     methods: Sequence[str] | None = None,
     *,
     steps: Sequence[int] = (4, 10),
+    self_ensembles: Sequence[int] | None = None,
     model: str | Path | None = None,
     dc_variant: bool = True,
     adapt_variant: bool = True,
@@ -579,16 +590,17 @@ def build_methods(
                 notes.append(f"the regression U-Net's training-data fingerprint ({unet_fp}) differs from the "
                              f"medidiff model's ({fp}): retrain one of them so both see the same data")
             for s in steps:
-                out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed))
-                if dc_variant:
-                    try:
-                        out.append(_medidiff_method(enhance, task, loaded, int(s), False, seed))
-                    except EvaluationError as exc:
-                        notes.append(f"medidiff without DC skipped: {exc}")
-                if adapt_variant:
-                    out.append(
-                        _medidiff_method(enhance, task, loaded, int(s), True, seed, True, adapt_seconds)
-                    )
+                for se in self_ensembles or (None,):
+                    out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed, self_ensemble=se))
+                    if dc_variant:
+                        try:
+                            out.append(_medidiff_method(enhance, task, loaded, int(s), False, seed,
+                                                        self_ensemble=se))
+                        except EvaluationError as exc:
+                            notes.append(f"medidiff without DC skipped: {exc}")
+                    if adapt_variant:
+                        out.append(_medidiff_method(enhance, task, loaded, int(s), True, seed, True,
+                                                    adapt_seconds, self_ensemble=se))
     return out
 
 

@@ -90,3 +90,19 @@ def test_evaluate_cli_panels_write_delta_table_and_gate_scatter(tmp_path: Path, 
         assert r["gate_decision"] in ("enhanced", "classical") and r["gate_reason"]
         assert np.isfinite(float(r["actual_gain_db"])) and np.isfinite(float(r["delta_vs_classical_db"]))
     assert all(float(r["adapt_steps"]) >= 0 for r in learned if r["method"].endswith("-adapt"))
+
+
+def test_evaluate_compares_self_ensemble_sizes(tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}  # error boxes unwrapped
+    base = [sys.executable, "-m", "medidiff", "evaluate", "--data", "shipped", "--panel", "heldout",
+            "--max-scans", "1", "--max-slices", "1", "--no-dc-variant", "--no-adapt-variant", "--no-tracking",
+            "--steps", "1", "--self-ensemble", "1,2"]
+    proc = subprocess.run([*base, "--task", "sr_thick", "--out", str(tmp_path / "rep")], check=False,
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "rep" / "per_scan.csv") as fh:
+        nfe = {r["method"]: float(r["network_evals"]) for r in csv.DictReader(fh) if r["method"][0] == "m"}
+    assert nfe == {"medidiff-1-se1": 1.0, "medidiff-1-se2": 2.0}
+    bad = subprocess.run([*base, "--task", "sr", "--out", str(tmp_path / "bad")], check=False,
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert bad.returncode == 2 and "for --task sr_thick only" in bad.stderr
