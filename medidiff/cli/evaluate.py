@@ -46,10 +46,11 @@ def evaluate(
     samples: str = typer.Option(
         "4", "--samples", help="--panel trust: K values to calibrate, e.g. 2,4,8 (each costs K x the time).",
     ),
-    save_calibration: int | None = typer.Option(
+    save_calibration: str | None = typer.Option(
         None, "--save-calibration",
-        help="--panel trust: write the calibration made with this K into the model's folder "
-        "(calibration.json beside config.json).",
+        help="--panel trust: write the calibrations made with these K (e.g. 4 or 4,8; each must be in "
+        "--samples) into the model's folder: the first as its default calibration.json, the others as "
+        "calibration_k<K>.json, which `medidiff enhance --samples K` uses for that K.",
     ),
     max_slices: int = typer.Option(
         8, "--max-slices",
@@ -158,7 +159,7 @@ def _model_steps(task: str, model: str | None) -> int:
 
 
 def _trust(err: Console, task: str, panel: str, model: str | None, out: str, samples: str,
-           save_calibration: int | None, seed: int) -> None:
+           save_calibration: str | None, seed: int) -> None:
     """The lesion panel (and, for 'trust', the calibration against K) for the sr or recon model."""
     from medidiff.cli.trust import run_trust_panels
     from medidiff.models import default_model, load_model
@@ -169,9 +170,17 @@ def _trust(err: Console, task: str, panel: str, model: str | None, out: str, sam
         ks = [int(s) for s in _split(samples)]
     except ValueError:
         raise typer.BadParameter(f"--samples must be integers like 2,4,8, got {samples!r}") from None
+    try:
+        save_ks = [int(s) for s in _split(save_calibration)] if save_calibration else None
+    except ValueError:
+        raise typer.BadParameter(
+            f"--save-calibration must be integers like 4 or 4,8, got {save_calibration!r}"
+        ) from None
+    if save_ks and not set(save_ks) <= set(ks):
+        raise typer.BadParameter(f"--save-calibration {save_calibration} needs each K in --samples {samples}")
     loaded = load_model(model) if model else default_model(task)
     command = "medidiff " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = run_trust_panels(loaded, task, Path(out), samples=ks, save_k=save_calibration,
+    report = run_trust_panels(loaded, task, Path(out), samples=ks, save_k=save_ks,
                               lesions_only=panel == "lesions", seed=seed, command=command)
     err.print(f"report: {report}")
 

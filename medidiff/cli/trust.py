@@ -75,9 +75,11 @@ def _image_fns(model, kind: str, spacing_mm=(1.0, 1.0), seed: int = 0):
 
 
 def run_trust_panels(model: LoadedModel, kind: str, out: Path, *, samples: list[int], coverage: float = 0.9,
-                     save_k: int | None = None, lesions_only: bool = False, seed: int = 0,
+                     save_k: int | list[int] | None = None, lesions_only: bool = False, seed: int = 0,
                      command: str = "") -> Path:
-    """Write ``out/report.md`` and ``out/numbers.json``; with ``save_k`` also the model's calibration."""
+    """Write ``out/report.md`` and ``out/numbers.json``; with ``save_k`` also the model's calibrations made
+    with those K (the first as the default ``calibration.json``, the others as ``calibration_k<K>.json``)."""
+    save_ks = [] if save_k is None else [int(save_k)] if isinstance(save_k, int) else [int(k) for k in save_k]
     out.mkdir(parents=True, exist_ok=True)
     task = model.recipe.task
     sections: list[str] = []
@@ -87,9 +89,9 @@ def run_trust_panels(model: LoadedModel, kind: str, out: Path, *, samples: list[
         cal, test = trust_cases(task, seed=seed)
         for k in samples:
             t0 = time.perf_counter()
-            target = model.path if save_k == k else None
+            target = model.path if k in save_ks else None
             s = calibration_panel(task, _sampled(model, kind, seed), cal, test, k, coverage, out,
-                                  model_dir=target)
+                                  model_dir=target, default=bool(save_ks) and k == save_ks[0])
             s["wall_seconds"] = time.perf_counter() - t0
             print(f"{kind} K={k}: coverage {s['coverage']:.3f}, spearman {s['spearman']:.3f}, "
                   f"{s['seconds_per_scan']:.2f} s/scan", file=sys.stderr)

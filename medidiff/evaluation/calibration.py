@@ -21,7 +21,8 @@ choice among a handful of values over millions of voxels, so its optimism is neg
 ``epsilon=`` to fix it.
 
 The result is a frozen :class:`Calibration`, stored as ``calibration.json`` beside a model's ``config.json``
-(:func:`save_calibration` / :func:`load_calibration`).
+(:func:`save_calibration` / :func:`load_calibration`); calibrations for other sample counts K sit beside it as
+``calibration_k<K>.json``, and a run with K samples uses the one made with K where there is one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "calibrate",
     "conformal_quantile",
     "empirical_coverage",
+    "calibration_path",
     "load_calibration",
     "make_case",
     "reliability_curve",
@@ -174,16 +176,36 @@ class Calibration:
         )
 
 
-def save_calibration(calib: Calibration, directory: str | Path) -> Path:
-    """Write ``calibration.json`` into ``directory`` (a model's folder, beside ``config.json``)."""
-    path = Path(directory) / CALIBRATION_FILE
-    return atomic.write_text(path, calib.to_json())
+def calibration_path(directory: str | Path, samples_k: int | None = None) -> Path:
+    """``calibration.json`` (the model's default calibration) or, with ``samples_k``, the file of the
+    calibration made with that many samples, ``calibration_k<K>.json``."""
+    name = CALIBRATION_FILE if samples_k is None else f"calibration_k{int(samples_k)}.json"
+    return Path(directory) / name
 
 
-def load_calibration(directory: str | Path) -> Calibration | None:
-    """The calibration stored in ``directory``, or None when the model has none."""
-    path = Path(directory) / CALIBRATION_FILE
-    return Calibration.from_json(path.read_text()) if path.exists() else None
+def save_calibration(calib: Calibration, directory: str | Path, default: bool = True) -> Path:
+    """Write the calibration into ``directory`` (a model's folder, beside ``config.json``): as the model's
+    default ``calibration.json`` (which supersedes a ``calibration_k<K>.json`` of the same K), or with
+    ``default=False`` as ``calibration_k<K>.json`` for runs with its K."""
+    path = calibration_path(directory, None if default else calib.samples_k)
+    written = atomic.write_text(path, calib.to_json())
+    if default:
+        calibration_path(directory, calib.samples_k).unlink(missing_ok=True)
+    return written
+
+
+def load_calibration(directory: str | Path, samples_k: int | None = None) -> Calibration | None:
+    """The calibration stored in ``directory``, or None when the model has none.
+
+    With ``samples_k``: the calibration made with that many samples where the folder has one (the default
+    file's or a ``calibration_k<K>.json``), else the default one."""
+    default = calibration_path(directory)
+    calib = Calibration.from_json(default.read_text()) if default.exists() else None
+    if samples_k is not None and (calib is None or calib.samples_k != samples_k):
+        per_k = calibration_path(directory, samples_k)
+        if per_k.exists():
+            return Calibration.from_json(per_k.read_text())
+    return calib
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:

@@ -161,10 +161,12 @@ def calibration_panel(
     out: str | Path,
     *,
     model_dir: str | Path | None = None,
+    default: bool = True,
 ) -> dict[str, Any]:
     """Calibrate on ``cases_cal`` with K samples, assess on ``cases_test``; figure + Markdown under ``out``.
 
-    With ``model_dir`` the calibration is saved there as ``calibration.json``. Returns the numbers (and the
+    With ``model_dir`` the calibration is saved there, as ``calibration.json`` (``default``) or as
+    ``calibration_k<K>.json``. Returns the numbers (and the
     Markdown under ``"markdown"``).
     """
     task = _as_task(task)
@@ -182,7 +184,7 @@ def calibration_panel(
     result = assess(calib, test)
     curve = reliability_curve(cal, test)
     if model_dir is not None:
-        result["calibration_file"] = str(save_calibration(calib, model_dir))
+        result["calibration_file"] = str(save_calibration(calib, model_dir, default=default))
     figure = out / f"reliability_{task.kind}_k{samples_k}.png"
     _reliability_figure(curve, figure, f"{task.kind}, K={samples_k}")
     seconds = sec_cal + sec_test

@@ -2,7 +2,8 @@
 
 Besides the enhanced image the outputs say how far to trust it:
 
-* ``<scan>_uncertainty.nii.gz`` (K >= 2 samples): with the model's ``calibration.json`` (split-conformal, see
+* ``<scan>_uncertainty.nii.gz`` (K >= 2 samples): with the model's calibration (``calibration.json``, or the
+  ``calibration_k<K>.json`` made with the same K; split-conformal, see
   :mod:`medidiff.evaluation.calibration`) the half-width of a per-voxel interval at the stated coverage,
   ``q * (std + eps * scale)`` with ``scale`` the robust intensity scale of the scan's baseline image (the
   same number the calibration cases were made with); without it the raw standard deviation over the
@@ -80,12 +81,13 @@ def write_mask_nifti(vol: Volume, path: Path, description: str) -> Path:
     return path
 
 
-def model_calibration(model: Any, task: str) -> Calibration | None:
-    """The model folder's ``calibration.json`` when it was made for ``task``, else None."""
+def model_calibration(model: Any, task: str, samples: int | None = None) -> Calibration | None:
+    """The model folder's calibration when it was made for ``task``, else None: the one made with
+    ``samples`` samples where the folder has it, else its default ``calibration.json``."""
     path = getattr(model, "path", None)
     if path is None:
         return None
-    calib = load_calibration(path)
+    calib = load_calibration(path, samples)
     return calib if calib is not None and calib.task in ("", task) else None
 
 
@@ -127,7 +129,7 @@ def trust_maps(
             factor = recipe_task.acceleration if task == "recon" else recipe_task.factor
         else:
             factor = float((result.metrics or {}).get("acceleration", 2.0))
-    calib = model_calibration(model, task) if samples >= 2 else None
+    calib = model_calibration(model, task, samples) if samples >= 2 else None
     info: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     unc_vol = None

@@ -176,3 +176,16 @@ def test_make_case_builds_error_mask_and_scale() -> None:
     assert np.allclose(case.abs_err, 1.0)
     assert case.scale == pytest.approx(np.percentile(enhanced, 99.5))
     assert 2 * np.sum(case.mask & body) / (case.mask.sum() + body.sum()) > 0.95
+
+
+def test_per_k_calibrations_beside_the_default(tmp_path, split) -> None:
+    k4 = calibrate(split[0], 0.9, samples_k=4, task="recon")
+    k8 = calibrate(split[0], 0.8, samples_k=8, task="recon")
+    assert save_calibration(k4, tmp_path).name == "calibration.json"
+    assert save_calibration(k8, tmp_path, default=False).name == "calibration_k8.json"
+    assert load_calibration(tmp_path) == k4  # the default
+    assert load_calibration(tmp_path, 4) == k4 and load_calibration(tmp_path, 8) == k8
+    assert load_calibration(tmp_path, 2) == k4  # no K=2 calibration: the default
+    # making K=8 the default supersedes its per-K file (no second copy left behind)
+    save_calibration(k8, tmp_path)
+    assert not (tmp_path / "calibration_k8.json").exists() and load_calibration(tmp_path, 4) == k8

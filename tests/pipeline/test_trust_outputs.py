@@ -116,6 +116,13 @@ def test_uncertainty_is_calibrated_when_the_model_has_a_calibration(tmp_path: Pa
     assert np.allclose(img.get_fdata(), 1.7 * (result.uncertainty.array + 0.01 * scale), rtol=1e-5)
     assert cal.info["coverage"] == 0.9 and cal.metrics["uncertainty_coverage"] == 0.9
     assert "24 calibration cases" in cal.info["calibration"]
+    assert "calibration_note" not in cal.info
+    # a run with another K uses the calibration made with that K where the model has one
+    save_calibration(Calibration(0.9, 2.5, 0.02, 4, "sr", 30, 10_000, ["d"] * 30), tmp_path, default=False)
+    k4 = trust_maps(result, "sr", _model(tmp_path), samples=4, slice_axis=2)
+    assert k4.calibration.samples_k == 4 and "calibration_note" not in k4.info
+    k8 = trust_maps(result, "sr", _model(tmp_path), samples=8, slice_axis=2)
+    assert k8.calibration.samples_k == 2 and k8.info["calibration_note"] == "calibrated with K=2, run with K=8"
     # a calibration made for another task is not applied
     save_calibration(Calibration(0.9, 1.7, 0.01, 2, "recon", 24, 10_000, ["x"]), tmp_path)
     assert trust_maps(result, "sr", _model(tmp_path), samples=2, slice_axis=2).calibration is None
