@@ -43,7 +43,9 @@ def enhance(
     ),
     samples: int = typer.Option(
         1, "--samples", "-k", min=1, help="Diffusion samples per scan; K > 1 also writes an uncertainty map "
-        "(a calibrated interval half-width where the model ships a calibration). Costs K times the time."
+        "(a calibrated interval half-width where the model ships a calibration: the shipped SR and "
+        "reconstruction models carry one for K = 4 and one for K = 8; K = 8 ranks the error best). Costs K "
+        "times the network time."
     ),
     steps: int | None = typer.Option(
         None, "--steps", min=1,
