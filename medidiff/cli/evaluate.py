@@ -22,6 +22,16 @@ def _split(text: str | None) -> list[str]:
     return [t for t in (text or "").replace(",", " ").split() if t]
 
 
+def _ints(text: str | None, option: str, example: str) -> list[int] | None:
+    """The integers of a list option (None when not given); a usage error naming the option otherwise."""
+    if not text:
+        return None
+    try:
+        return [int(t) for t in _split(text)]
+    except ValueError:
+        raise typer.BadParameter(f"{option} must be integers like {example}, got {text!r}") from None
+
+
 @app.command("evaluate")
 def evaluate(
     data: str = typer.Option(
@@ -128,17 +138,11 @@ def evaluate(
     if panel in ("lesions", "trust"):
         _trust(err, task, panel, model, out, samples, save_calibration, seed)
         return
-    try:
-        step_list = [int(s) for s in _split(steps)] if steps else [_model_steps(task, model)]
-    except ValueError:
-        raise typer.BadParameter(f"--steps must be integers like 4,10, got {steps!r}") from None
-    try:
-        ensembles = [int(s) for s in _split(self_ensemble)] if self_ensemble else None
-    except ValueError:
-        raise typer.BadParameter(
-            f"--self-ensemble must be integers like 1,2,4, got {self_ensemble!r}"
-        ) from None
-    if ensembles and (task != "sr_thick" or any(e not in (1, 2, 4) for e in ensembles)):
+    from medidiff.recipe import SELF_ENSEMBLES
+
+    step_list = _ints(steps, "--steps", "4,10") or [_model_steps(task, model)]
+    ensembles = _ints(self_ensemble, "--self-ensemble", "1,2,4")
+    if ensembles and (task != "sr_thick" or any(e not in SELF_ENSEMBLES for e in ensembles)):
         raise typer.BadParameter("--self-ensemble takes sizes 1, 2 or 4, for --task sr_thick only")
     options = {"steps": step_list, "self_ensembles": ensembles, "model": model, "dc_variant": dc_variant,
                "unet_dir": unet,
@@ -166,16 +170,8 @@ def _trust(err: Console, task: str, panel: str, model: str | None, out: str, sam
 
     if task not in ("sr", "recon"):
         raise typer.BadParameter(f"--panel {panel} covers --task sr and recon, got {task!r}")
-    try:
-        ks = [int(s) for s in _split(samples)]
-    except ValueError:
-        raise typer.BadParameter(f"--samples must be integers like 2,4,8, got {samples!r}") from None
-    try:
-        save_ks = [int(s) for s in _split(save_calibration)] if save_calibration else None
-    except ValueError:
-        raise typer.BadParameter(
-            f"--save-calibration must be integers like 4 or 4,8, got {save_calibration!r}"
-        ) from None
+    ks = _ints(samples, "--samples", "2,4,8") or []
+    save_ks = _ints(save_calibration, "--save-calibration", "4 or 4,8")
     if save_ks and not set(save_ks) <= set(ks):
         raise typer.BadParameter(f"--save-calibration {save_calibration} needs each K in --samples {samples}")
     loaded = load_model(model) if model else default_model(task)

@@ -44,6 +44,7 @@ from medidiff.physics.simulate import hr_affine
 from medidiff.pipeline import adapt as adaptation
 from medidiff.pipeline import gate
 from medidiff.pipeline.gate import GateDecision
+from medidiff.recipe import SELF_ENSEMBLES
 from medidiff.tasks import Operator, measurement_scale, task_operator, to_channels
 
 Progress = Callable[[int, int], None]
@@ -143,13 +144,11 @@ class _Runner:
         # average to a data-consistent image
         means, variances, evals = [], [], 0
         for dims in variants:
-            fy = y.flip(dims) if dims else y
-            fctx = None if ctx is None else (ctx.flip(dims) if dims else ctx)
-            res = sample(self.net, self.recipe, op, fy, context=fctx, steps=self.steps, samples=k,
-                         generator=self.generator)
-            means.append(res.mean.flip(dims) if dims else res.mean)
+            res = sample(self.net, self.recipe, op, _flip(y, dims), context=_flip(ctx, dims),
+                         steps=self.steps, samples=k, generator=self.generator)
+            means.append(_flip(res.mean, dims))
             if res.std is not None:
-                variances.append((res.std.flip(dims) if dims else res.std) ** 2)
+                variances.append(_flip(res.std, dims) ** 2)
             evals += res.network_evals
         stacked = torch.stack(means)
         mean = stacked.mean(dim=0)
@@ -168,9 +167,14 @@ def ensemble_flips(size: int) -> list[tuple[int, ...]]:
     """The flips of a geometric self-ensemble of ``size`` copies, as dims of (B, h, w) images whose last axis
     is the thick one: 1 none; 2 also the thick axis; 4 also the in-plane axis and both."""
     flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)]
-    if size not in (1, 2, 4):
+    if size not in SELF_ENSEMBLES:
         raise ValueError(f"self-ensemble size must be 1, 2 or 4, got {size}")
     return flips[:size]
+
+
+def _flip(t: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor | None:
+    """``t`` flipped along ``dims`` (itself when there are none, or when it is None)."""
+    return t.flip(dims) if t is not None and dims else t
 
 
 def classical(task: str, op: Operator, y: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medidiff.recipe import SELF_ENSEMBLES
+
 TASKS = ("auto", "sr", "sr_thick", "recon")
 FORMATS = ("nifti", "dicom", "both")
 
@@ -43,7 +45,7 @@ class EnhanceSettings:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.self_ensemble is not None and self.self_ensemble not in (1, 2, 4):
+        if self.self_ensemble is not None and self.self_ensemble not in SELF_ENSEMBLES:
             raise ValueError(f"self_ensemble must be 1, 2 or 4, got {self.self_ensemble}")
         if self.adapt_seconds is not None and self.adapt_seconds <= 0:
             raise ValueError(f"adapt_seconds must be > 0, got {self.adapt_seconds}")
