@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +104,19 @@ def model_dir(directory: str | Path) -> Path:
     return path
 
 
+def resolve_model_dir(dir_or_name: str | Path) -> Path:
+    """:func:`model_dir` of a folder, or the folder of a shipped model's name (``sr_x2``) when no such
+    folder exists."""
+    path = model_dir(dir_or_name)
+    if not path.exists() and str(dir_or_name) in DEFAULT_MODELS.values():
+        path = weights_dir() / str(dir_or_name)
+    return path
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """The config.json of a checkpoint (or of a ``train --out`` folder's ``model/``), with a clear error
-    when it is missing or broken."""
-    path = model_dir(directory) / CONFIG_FILE
+    """The config.json of a checkpoint (or of a ``train --out`` folder's ``model/``, or of a shipped model's
+    name), with a clear error when it is missing or broken."""
+    path = resolve_model_dir(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no {CONFIG_FILE} (not a medidiff model folder, nor a `medidiff train --out` folder)"
@@ -122,9 +132,7 @@ def load_model(dir_or_name: str | Path, device: str | torch.device = "cpu") -> L
     safetensors + config.json."""
     from safetensors.torch import load_file
 
-    path = model_dir(dir_or_name)
-    if not path.exists() and str(dir_or_name) in DEFAULT_MODELS.values():
-        path = weights_dir() / str(dir_or_name)
+    path = resolve_model_dir(dir_or_name)
     config = read_config(path)
     recipe = recipe_from_dict(config["recipe"], str(path / CONFIG_FILE))
     weights = path / WEIGHTS_FILE
@@ -138,6 +146,25 @@ def load_model(dir_or_name: str | Path, device: str | torch.device = "cpu") -> L
     net.to(device).eval()
     meta = {k: v for k, v in config.items() if k != "recipe"}
     return LoadedModel(net=net, recipe=recipe, meta=meta, path=path)
+
+
+def model_digest(dir_or_name: str | Path) -> str:
+    """A short SHA-256 of everything in a model folder that decides its outputs: the weights, ``config.json``
+    (recipe: steps, gate, self-ensemble) and the uncertainty calibrations (``calibration*.json``).
+
+    For batch fingerprints: new weights or a changed recipe make a resumed batch redo its scans. ``missing``
+    when the folder has no model (the batch reports that when it loads it)."""
+    path = resolve_model_dir(dir_or_name)
+    files = [path / WEIGHTS_FILE, path / CONFIG_FILE, *sorted(path.glob("calibration*.json"))]
+    if not all(f.is_file() for f in files[:2]):
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\n".encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def weights_dir() -> Path:

@@ -44,7 +44,8 @@ def input_fingerprint(files: Iterable[Path], root: Path, settings: dict[str, Any
 
     Stat-based so a rerun over 100 000 scans decides "already done" without reading the pixel data;
     changing a file, or any setting that changes the result (task, model, steps, samples, seed,
-    format), changes the fingerprint and the scan is redone.
+    format, and the digest of each task's model files: :func:`medidiff.pipeline.settings.model_digests`),
+    changes the fingerprint and the scan is redone.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

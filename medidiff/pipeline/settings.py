@@ -64,7 +64,27 @@ class EnhanceSettings:
         for key, value in defaults.items():  # at their defaults they leave earlier fingerprints unchanged
             if params[key] == value:
                 params.pop(key)
+        params["model_digests"] = model_digests(self.task, self.models)
         return params
+
+
+def model_digests(task: str, models: tuple[str, ...]) -> dict[str, str]:
+    """:func:`medidiff.models.model_digest` of the model each task of a batch uses (``task`` 'auto': every
+    task), by task: the shipped default unless one of ``models`` was trained for that task. A new release's
+    weights, a retrained folder or an edited recipe thus make a resumed batch redo its scans."""
+    from medidiff.models import DEFAULT_MODELS, model_digest, read_config
+
+    chosen: dict[str, str] = dict(DEFAULT_MODELS)
+    digests: dict[str, str] = {}
+    for ref in models:
+        try:
+            kind = str(read_config(ref)["recipe"]["task"]["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            digests[str(ref)] = "missing"  # the batch reports it when it loads the model
+            continue
+        chosen[kind] = ref
+    tasks = [t for t in chosen if task in ("auto", t)]
+    return {**digests, **{t: model_digest(chosen[t]) for t in tasks}}
 
 
 @dataclass

@@ -393,6 +393,37 @@ def test_plan_skips_done_scans_unless_forced(tmp_path):
     assert {i.job.key: i.action for i in plan(src.resolve(), manifest, other)}["nifti/brain.nii.gz"] == "run"
 
 
+def test_a_changed_model_makes_a_resumed_batch_redo_its_scans(tmp_path):
+    """The fingerprint holds a digest of each task's model (weights, recipe, calibrations): a model folder
+    with another recipe redoes a done scan; the same files elsewhere do not."""
+    from medidiff.models import model_digest, weights_dir
+    from medidiff.pipeline.batch import plan
+
+    copy = tmp_path / "my_sr"
+    shutil.copytree(weights_dir() / "sr_x2", copy)
+    shipped = EnhanceSettings(task="sr").fingerprint_params()["model_digests"]
+    assert set(shipped) == {"sr"} and shipped["sr"] == model_digest("sr_x2") == model_digest(copy)
+    assert set(EnhanceSettings().fingerprint_params()["model_digests"]) == {"sr", "sr_thick", "recon"}
+    f = tmp_path / "scan.nii.gz"
+    f.write_bytes(b"abc")
+    settings = EnhanceSettings(task="sr", models=(str(copy),))
+    first = input_fingerprint([f], tmp_path, settings.fingerprint_params())
+    assert first == input_fingerprint([f], tmp_path, settings.fingerprint_params())
+    config = json.loads((copy / "config.json").read_text())
+    config["recipe"]["diffusion"]["steps"] += 1
+    (copy / "config.json").write_text(json.dumps(config))
+    assert model_digest(copy) != shipped["sr"]
+    assert first != input_fingerprint([f], tmp_path, settings.fingerprint_params())
+    # through the planner: a scan recorded as done with the old model is run again
+    src = build_messy_folder(tmp_path / "IN")
+    manifest = Manifest.load_or_new(src, tmp_path / "OUT", {})
+    brain = next(i.job for i in plan(src.resolve(), manifest, settings) if i.job.key == "nifti/brain.nii.gz")
+    manifest.record({**_entry(brain.key, outputs={}), "fingerprint": brain.fingerprint})
+    assert {i.job.key: i.action for i in plan(src.resolve(), manifest, settings)}[brain.key] == "skip"
+    (copy / "calibration.json").write_text(json.dumps({"changed": True}))
+    assert {i.job.key: i.action for i in plan(src.resolve(), manifest, settings)}[brain.key] == "run"
+
+
 def test_one_batch_at_a_time_per_output_folder(tmp_path):
     from medidiff.pipeline.batch import _lock_output
 
