@@ -87,16 +87,15 @@ def training_target(
     return scheduler.get_velocity(x0, noise, t)
 
 
-def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, cond: Tensor, x0: Tensor,
-                   generator: torch.Generator) -> Tensor:
-    """MSE of the network's prediction at a random noise level; ``x0`` is the clean target in channel form.
+def noisy_training_input(d: DiffusionConfig, scheduler: Scheduler, cond: Tensor, x0: Tensor,
+                         generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, t, noise)``: ``x0`` noised at a random training timestep.
 
     With ``diffusion.train_from_start`` = p, a share p of the examples is noised from where the sampler
     starts (a zero residual, or the conditioning image for the image target) at the sampler's first timestep,
     as the first sampling step sees it, instead of from ``x0``: the network learns to predict ``x0`` from the
     conditioning when the noisy input carries none of it.
     """
-    d = recipe.diffusion
     t_max = max(1, round(d.train_t_max * d.train_timesteps))
     t = torch.randint(0, t_max, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -106,7 +105,15 @@ def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, c
         start = torch.zeros_like(x0) if d.target == "residual" else cond[:, : x0.shape[1]]
         x_in = torch.where(pick[:, None, None, None], start, x0)
         t = torch.where(pick, torch.full_like(t, start_timestep(d)), t)
-    x_t = scheduler.add_noise(x_in, noise, t)
+    return scheduler.add_noise(x_in, noise, t), t, noise
+
+
+def diffusion_loss(net: torch.nn.Module, recipe: Recipe, scheduler: Scheduler, cond: Tensor, x0: Tensor,
+                   generator: torch.Generator) -> Tensor:
+    """MSE of the network's prediction at a random noise level (:func:`noisy_training_input`); ``x0`` is the
+    clean target in channel form."""
+    d = recipe.diffusion
+    x_t, t, noise = noisy_training_input(d, scheduler, cond, x0, generator)
     output = net(torch.cat([x_t, cond], dim=1), t)
     target = training_target(scheduler, d.prediction_type, x0, noise, t)
     return torch.nn.functional.mse_loss(output.float(), target.float())

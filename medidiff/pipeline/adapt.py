@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medidiff.diffusion.process import diffusion_loss, make_scheduler, to_x0
+from medidiff.diffusion.process import diffusion_loss, make_scheduler, noisy_training_input, to_x0
 from medidiff.diffusion.sampling import padded_call, sample
 from medidiff.models import LoadedModel
 from medidiff.physics.fft import fft2c
@@ -274,10 +274,7 @@ def _recon_loss(net: torch.nn.Module, loaded: LoadedModel, y: torch.Tensor, thet
     x0 = to_channels(full - base if recipe.diffusion.target == "residual" else full, True).float()
     sched = make_scheduler(recipe.diffusion)
     d = recipe.diffusion
-    t_max = max(1, round(d.train_t_max * d.train_timesteps))
-    t = torch.randint(0, t_max, (x0.shape[0],), generator=gen, device=x0.device)
-    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-    x_t = sched.add_noise(x0, noise, t)
+    x_t, t, _ = noisy_training_input(d, sched, cond, x0, gen)  # as in training (train_from_start too)
     out = padded_call(net, torch.cat([x_t, cond], dim=1), t, recipe.size_multiple).float()
     img = from_channels(to_x0(sched, d.prediction_type, out, x_t, t), True)
     img = img + (base if d.target == "residual" else 0)

@@ -244,3 +244,34 @@ def test_enhance_uses_the_tasks_margin_unless_told(monkeypatch, task):
     enhance_volume(vol, task=task, adapt=False)
     enhance_volume(vol, task=task, adapt=False, gate_margin_db=1.5)
     assert seen == [gate.margin_db(task), 1.5]
+
+
+def test_reconstruction_adaptation_trains_where_the_sampler_starts_as_training_did():
+    """The zero-shot reconstruction loss noises its targets as training does: with ``train_from_start`` = 1
+    the network's noisy input is the same whatever the measured data (a zero residual at the sampler's first
+    timestep); with 0 it carries the data."""
+    from medidiff.diffusion.process import start_timestep
+    from medidiff.models import LoadedModel
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append((x[:, :2].clone(), t.clone()))
+            return x[:, :2]
+
+    mask = np.zeros((1, 32), np.float32)
+    mask[:, ::2] = 1
+    mask[:, 14:18] = 1
+    theta, lam = adaptation._line_split(mask, 0.4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for share in (1.0, 0.0):
+        recipe = with_overrides(load_recipe(SMOKE), task={"kind": "recon"}, diffusion={
+            "steps": 1, "timestep_spacing": "trailing", "train_from_start": share, "target": "residual"})
+        loaded = LoadedModel(net=Recording(), recipe=recipe, meta={}, path=None)
+        for scale in (1.0, 3.0):
+            y = scale * torch.randn(2, 32, 32, generator=g, dtype=torch.complex64)
+            adaptation._recon_loss(Recording(), loaded, y, theta, lam, torch.Generator().manual_seed(0))
+    (a, ta), (b, tb), (c, _), (d, _) = seen
+    assert torch.equal(a, b) and (ta == start_timestep(recipe.diffusion)).all() and torch.equal(ta, tb)
+    assert not torch.allclose(c, d)
