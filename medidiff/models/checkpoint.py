@@ -160,10 +160,8 @@ def model_digest(dir_or_name: str | Path) -> str:
         return "missing"
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}\n".encode())
         with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+            digest.update(f"{file.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -59,9 +59,6 @@ def model_identity(model: Any, task: str) -> dict[str, str]:
         ident["path"] = Path(path).name
         weights = Path(path) / "model.safetensors"
         if weights.is_file():
-            digest = hashlib.sha256()
             with open(weights, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            ident["weights_sha256"] = digest.hexdigest()[:16]
+                ident["weights_sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
     return ident
