@@ -104,7 +104,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast where the device supports it (CUDA)
+    amp: bool = True  # bf16 autocast where the device has native bf16 (CUDA; CPUs with AVX-512 BF16 / AMX)
     max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
     register_as: str = ""  # register the final model in the MLflow registry under this name
 

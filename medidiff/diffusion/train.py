@@ -1,6 +1,7 @@
 """The training loop.
 
-AdamW, bf16 autocast on CUDA, EMA, gradient clipping, validation, checkpoints, MLflow, DDP.
+AdamW, bf16 autocast (CUDA, and CPUs with native bf16), EMA, gradient clipping, validation, checkpoints,
+MLflow, DDP.
 
 Run it with ``medidiff train`` (or under ``torchrun`` for several processes: gloo on CPU, NCCL on GPUs).
 Layout of ``OUT``: ``checkpoint/`` (EMA weights + ``train_state.safetensors`` with the raw weights, optimiser
@@ -31,6 +32,7 @@ from medidiff.diffusion.process import Scheduler, diffusion_loss, make_scheduler
 from medidiff.diffusion.sampling import sample
 from medidiff.metrics import all_metrics
 from medidiff.models import build_model, load_model, save_checkpoint
+from medidiff.models.runtime import has_native_bf16
 from medidiff.recipe import Recipe, TrainConfig, recipe_from_dict, with_overrides
 from medidiff.tasks import task_operator
 from medidiff.tracking import Tracker, tracking_run
@@ -307,7 +309,7 @@ def train(
     main = rank == 0
     total_steps = int(max_steps or recipe.train.steps)
     batch_size = recipe.train.batch_size_gpu if dev.type == "cuda" else recipe.train.batch_size
-    use_amp = recipe.train.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_amp = recipe.train.amp and has_native_bf16(dev)  # bf16 where the hardware multiplies it natively
 
     ckpt_dir = out_dir / "checkpoint"
     if resume and not (ckpt_dir / "config.json").is_file():  # nothing yet: start (the same command restarts)
