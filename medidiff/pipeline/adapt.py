@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medidiff.data.pairs import extruded_context
 from medidiff.diffusion.process import diffusion_loss, make_scheduler, noisy_training_input, to_x0
 from medidiff.diffusion.sampling import padded_call, sample
 from medidiff.models import LoadedModel
@@ -131,7 +132,7 @@ class _ImagePairs:
         base = self.op.pinv(self.op.A(refs))
         cond = to_channels(base, False)
         if r.model.neighbours:
-            cond = torch.cat([cond] * (1 + 2 * r.model.neighbours), dim=1)
+            cond = torch.cat([cond, extruded_context(cond, r.model.neighbours)], dim=1)
         x0 = to_channels(refs - base if r.diffusion.target == "residual" else refs, False)
         return cond.float(), x0.float()
 
@@ -176,7 +177,7 @@ def _image_gain(loaded: LoadedModel, op: Operator, held: torch.Tensor, seed: int
 
 def _context(loaded: LoadedModel, base: torch.Tensor) -> torch.Tensor | None:
     n = loaded.recipe.model.neighbours
-    return torch.cat([to_channels(base, loaded.recipe.complex_images)] * (2 * n), dim=1) if n else None
+    return extruded_context(to_channels(base, loaded.recipe.complex_images), n) if n else None
 
 
 def _held_loss(

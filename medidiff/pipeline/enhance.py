@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medidiff.data.pairs import neighbour_index
+from medidiff.data.pairs import extruded_context, neighbour_index
 from medidiff.diffusion.sampling import SampleOutput, sample
 from medidiff.io import Volume
 from medidiff.models import LoadedModel, default_model, load_model
@@ -124,16 +124,16 @@ class _Runner:
         """Sample for measurements ``y``; ``stack_y``/``index`` give neighbours for 2.5D models."""
         n = self.recipe.model.neighbours
         ctx = None
-        if n and stack_y is not None and index is not None:
+        if n and stack_y is not None and index is not None and len(stack_y) > 1:
             # each needed slice's back-projection once, in one batch (neighbours are shared between slices)
             nbs = [neighbour_index(len(stack_y), s, n) for s in index]
             need = sorted({j for nb in nbs for j in nb})
             pos = {j: i for i, j in enumerate(need)}
             chans = to_channels(op.pinv(stack_y[need]), self.recipe.complex_images)
             ctx = torch.stack([torch.cat([chans[pos[j]] for j in nb]) for nb in nbs])
-        elif n:
-            base = op.pinv(y)
-            ctx = torch.cat([to_channels(base, self.recipe.complex_images)] * (2 * n), dim=1)
+        extruded = bool(n) and ctx is None  # no neighbouring slices (a single image, the self-check)
+        if extruded:
+            ctx = self._extruded(op, y)
         k = samples or self.samples
         variants = self.flips
         if len(variants) == 1:
@@ -144,7 +144,9 @@ class _Runner:
         # average to a data-consistent image
         means, variances, evals = [], [], 0
         for dims in variants:
-            res = sample(self.net, self.recipe, op, _flip(y, dims), context=_flip(ctx, dims),
+            y_f = _flip(y, dims)
+            ctx_f = self._extruded(op, y_f) if extruded else _flip(ctx, dims)
+            res = sample(self.net, self.recipe, op, y_f, context=ctx_f,
                          steps=self.steps, samples=k, generator=self.generator)
             means.append(_flip(res.mean, dims))
             if res.std is not None:
@@ -156,6 +158,12 @@ class _Runner:
         if variances:  # law of total variance over the flipped copies' samples
             std = (torch.stack(variances).mean(dim=0) + stacked.abs().var(dim=0, unbiased=False)).sqrt()
         return SampleOutput(mean=mean, std=std, dc_residual=y - op.A(mean), network_evals=evals)
+
+    def _extruded(self, op: Operator, y: torch.Tensor) -> torch.Tensor:
+        """Neighbour channels for images without neighbouring slices, as in training (each flipped copy of
+        the self-ensemble gets its own, so that it is the copy enhanced alone)."""
+        base = to_channels(op.pinv(y), self.recipe.complex_images)
+        return extruded_context(base, self.recipe.model.neighbours)
 
     @property
     def network_evals(self) -> int:

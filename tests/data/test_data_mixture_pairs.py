@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medidiff.data.mixture import SOURCES
-from medidiff.data.pairs import MixtureSampler, neighbour_index
+from medidiff.data.pairs import MixtureSampler, extruded_context, neighbour_index
 from medidiff.physics.fft import fft2c
 from medidiff.recipe import MIXTURE_SOURCES, RecipeError, load_recipe, with_overrides
 from medidiff.tasks import measurement_scale, task_operator
@@ -117,3 +117,24 @@ def test_preview_of_a_recipe_without_mixture_shows_its_fixed_slices():
     for degraded, reference in pairs:
         assert degraded.shape == reference.shape == (32, 32)
         assert not torch.equal(degraded, reference)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_extruded_context_is_the_neighbours_training_draws(n):
+    """An image without neighbouring slices gets the neighbours the 2.5D training shows (MixtureSampler:
+    slice s of an extruded object is rows s .. s+P of a taller image): away from the edge rows, exactly the
+    rows of the taller image; never copies of the image itself."""
+    rng = np.random.default_rng(3)
+    p = 12
+    tall = torch.from_numpy(rng.random((p + 2 * n, 9)).astype(np.float32))
+    stack = torch.stack([tall[s: s + p] for s in range(2 * n + 1)])  # as MixtureSampler.example
+    centre = stack[n][None, None]  # (B=1, C=1, P, w)
+    ctx = extruded_context(centre, n)
+    assert ctx.shape == (1, 2 * n, p, 9)
+    for c, j in enumerate(neighbour_index(2 * n + 1, n, n)):
+        assert torch.equal(ctx[0, c, n: p - n], stack[j][n: p - n])  # interior rows: the training neighbours
+        assert not torch.equal(ctx[0, c], centre[0, 0])
+    complex_ctx = extruded_context(torch.cat([centre, 2 * centre], dim=1), n)  # channels stay grouped
+    assert torch.equal(complex_ctx[:, 1::2], 2 * complex_ctx[:, 0::2])
+    with pytest.raises(ValueError):
+        extruded_context(centre, 0)
