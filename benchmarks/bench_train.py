@@ -2,10 +2,10 @@
 
     python benchmarks/bench_train.py [--recipes sr_x2,sr_thick,recon_4x] [--threads 1] [--steps 8]
 
-Each step is what ``medidiff train`` runs: a batch from the recipe's training sampler (made outside the
-timed part, so that only the network's forward, backward and the AdamW update are timed), the diffusion
-loss, backward, gradient clipping and the optimiser step, at the recipe's CPU batch size and patch size.
-The two precisions are timed in turn (round robin) after one warm-up step each; the table gives medians.
+Each timed step is ``medidiff train``'s own (``medidiff.diffusion.train._train_step``): a batch from the
+recipe's training sampler (made on the fly, as in training), the diffusion loss, backward, gradient
+clipping, the AdamW update and the EMA update, at the recipe's CPU batch size and patch size. The two
+precisions are timed in turn (round robin) after one warm-up step each; the table gives medians.
 bf16 pays only where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX); ``medidiff train`` uses it
 there when ``train.amp`` is true, and fp32 elsewhere.
 """
@@ -31,8 +31,8 @@ def main() -> None:
     import torch
 
     from medidiff.data.pairs import training_sampler
-    from medidiff.diffusion.process import diffusion_loss, make_scheduler
-    from medidiff.models import build_model
+    from medidiff.diffusion.process import make_scheduler
+    from medidiff.diffusion.train import _set_up, _train_step
     from medidiff.models.runtime import has_native_bf16
     from medidiff.recipe import load_recipe
 
@@ -45,36 +45,24 @@ def main() -> None:
         dev = torch.device(args.device)
         batch = recipe.train.batch_size_gpu if dev.type == "cuda" else recipe.train.batch_size
         sampler, _, _ = training_sampler(recipe)
-        data_gen = torch.Generator().manual_seed(0)
-        batches = [tuple(x.to(dev) for x in sampler.batch(batch, data_gen)) for _ in range(steps + 1)]
         scheduler = make_scheduler(recipe.diffusion)
-        nets, opts, times = {}, {}, {}
-        for amp in (False, True):
-            torch.manual_seed(0)
-            nets[amp] = build_model(recipe).to(dev).train()
-            opts[amp] = torch.optim.AdamW(nets[amp].parameters(), lr=recipe.train.lr)
-            times[amp] = []
-        noise_gen = torch.Generator(device=dev).manual_seed(0)
-        for i, (cond, x0) in enumerate(batches):
-            for amp in (False, True):
+        states = {amp: _set_up(recipe, dev, 0, None, False) for amp in (False, True)}  # same seeds
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(steps + 1):
+            for amp, state in states.items():
                 t0 = time.perf_counter()
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = diffusion_loss(nets[amp], recipe, scheduler, cond, x0, noise_gen)
-                opts[amp].zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(nets[amp].parameters(), recipe.train.grad_clip)
-                opts[amp].step()
+                _train_step(state, state.net, recipe, scheduler, sampler, batch, dev, amp)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if i:  # the first step of each is a warm-up
                     times[amp].append(time.perf_counter() - t0)
         fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
-        params = sum(p.numel() for p in nets[False].parameters())
+        params = sum(p.numel() for p in states[False].net.parameters())
         size = recipe.data.patch_size
         rows.append([name, f"{params / 1e6:.2f} M", f"{batch} × {size}²", f"{fp32:.3f}", f"{bf16:.3f}",
                      f"{fp32 / bf16:.2f}×"])
         print(" | ".join(rows[-1]), flush=True)
-    print("\n### training step time (forward + backward + AdamW), median s / step\n")
+    print("\n### training step time (batch, forward, backward, AdamW, EMA), median s / step\n")
     print(table(["recipe", "parameters", "batch", "fp32 s / step", "bf16 autocast s / step",
                  "bf16 speed-up"], rows))
 
